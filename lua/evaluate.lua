@@ -1,0 +1,35 @@
+--[[
+  Decide for one trigger: count it in the env's sliding window and answer
+  PASS_THROUGH, SHADOW_LOG or MOLLIFY. The cascade's earlier steps (kill switch,
+  org flag, bypasses) are decided by the caller without Redis.
+
+  Input:
+    KEYS[1] gate hash      mf:{env}:gate
+    KEYS[2] policy hash    mf:{env}:policy
+    KEYS[3] queue zset     mf:{env}:q
+    KEYS[4] lease zset     mf:{env}:lease
+    KEYS[5] retry zset     mf:{env}:retry
+
+    ARGV[1] default threshold (triggers per window)
+    ARGV[2] default window (ms)
+    ARGV[3] default hold (ms)
+    ARGV[4] shadow mode: "1" or "0"
+
+  Output: { decision, reason, windowCount, threshold, trippedUntilMs }
+    decision: 1 PASS_THROUGH, 2 SHADOW_LOG, 3 MOLLIFY
+    reason:   6 UNDER_THRESHOLD, 7 TRIPPED, 8 BACKLOG, 9 SHADOW_TRIPPED
+    trippedUntilMs: 0 when not tripped
+]]
+local rcall = redis.call
+local gateKey, policyKey = KEYS[1], KEYS[2]
+local queueKey, leaseKey, retryKey = KEYS[3], KEYS[4], KEYS[5]
+
+--- @include "includes/time"
+--- @include "includes/gate"
+
+local now = now_ms()
+local windowCount, threshold, trippedUntil, tripped =
+  gate_window(gateKey, policyKey, now, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), true)
+local backlog = gate_backlog(queueKey, leaseKey, retryKey)
+local decision, reason = gate_decide(tripped, backlog, ARGV[4] == "1")
+return { decision, reason, windowCount, threshold, trippedUntil }

@@ -1,0 +1,126 @@
+"""Conversions between protobuf messages, buffer entries and plain values."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import DecodeError
+from mollifier_client.v1 import run_pb2
+
+from .errors import DamagedEntry
+
+__all__ = [
+    "ENTRY_FIELDS",
+    "decode_snapshot",
+    "entry_to_run",
+    "ms_from_ts",
+    "new_run_id",
+    "now_ms",
+    "ts_from_ms",
+]
+
+# The fields entry_view() in lua/includes/entry.lua returns, in order.
+ENTRY_FIELDS = ("s", "st", "ca", "at", "le", "cx", "cr", "du", "v")
+
+_RUN_ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_run_id() -> str:
+    """A fresh run id: "run_" and 25 random base-36 characters (129 bits)."""
+    return "run_" + "".join(secrets.choice(_RUN_ID_ALPHABET) for _ in range(25))
+
+
+def ts_from_ms(ms: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMilliseconds(ms)
+    return ts
+
+
+def ms_from_ts(ts: timestamp_pb2.Timestamp) -> int:
+    """Milliseconds since the epoch; 0 for an unset timestamp."""
+    if ts.seconds == 0 and ts.nanos == 0:
+        return 0
+    return ts.seconds * 1000 + ts.nanos // 1_000_000
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _int(value: bytes | str | int | None) -> int:
+    if value is None or value == b"" or value == "":
+        return 0
+    return int(value)
+
+
+def decode_snapshot(env_id: str, run_id: str, raw: bytes | None) -> run_pb2.RunSnapshot:
+    """Decode and check a buffered snapshot; a damaged one raises DamagedEntry."""
+    if not raw:
+        raise DamagedEntry(f"buffered run {run_id} has no snapshot", metadata={"run_id": run_id})
+    try:
+        snap = run_pb2.RunSnapshot.FromString(raw)
+    except DecodeError:
+        raise DamagedEntry(
+            f"buffered run {run_id} has a snapshot that cannot be decoded",
+            metadata={"run_id": run_id},
+        ) from None
+    if snap.run_id != run_id or snap.env_id != env_id or not snap.task_identifier:
+        raise DamagedEntry(
+            f"buffered run {run_id} has a snapshot for another run or env",
+            metadata={"run_id": run_id},
+        )
+    return snap
+
+
+def entry_to_run(
+    env_id: str,
+    run_id: str,
+    fields: Sequence[bytes | str | int | None],
+    *,
+    now: int | None = None,
+) -> run_pb2.Run:
+    """A Run (source BUFFER) from the fields of ENTRY_FIELDS, in that order."""
+    s, st, ca, at, le, cx, cr, du, _v = fields
+    snap = decode_snapshot(env_id, run_id, s if isinstance(s, bytes) else None)
+    state = _text(st)
+    canceled_at = _int(cx)
+    delay_until = _int(du)
+    if state == "D":
+        status = run_pb2.RUN_STATUS_DRAINING
+    elif state == "F":
+        status = run_pb2.RUN_STATUS_FAILED
+    elif state == "Q":
+        if canceled_at:
+            status = run_pb2.RUN_STATUS_CANCELED
+        elif delay_until > (now if now is not None else now_ms()):
+            status = run_pb2.RUN_STATUS_DELAYED
+        else:
+            status = run_pb2.RUN_STATUS_QUEUED
+    else:
+        raise DamagedEntry(
+            f"buffered run {run_id} has an unknown state {state!r}", metadata={"run_id": run_id}
+        )
+    run = run_pb2.Run(
+        run_id=run_id,
+        env_id=env_id,
+        status=status,
+        source=run_pb2.RUN_SOURCE_BUFFER,
+        snapshot=snap,
+        attempts=_int(at),
+        last_error=_text(le),
+        cancel_reason=_text(cr),
+    )
+    if ca:
+        run.created_at.CopyFrom(ts_from_ms(_int(ca)))
+    if canceled_at:
+        run.canceled_at.CopyFrom(ts_from_ms(canceled_at))
+    return run

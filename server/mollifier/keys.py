@@ -1,0 +1,101 @@
+"""Every Redis key the sidecar uses, in one place.
+
+Per-environment keys share the hash tag ``{<env_id>}`` so that each Lua script,
+which only ever touches one environment, touches one hash slot and runs
+unchanged on Redis Cluster. Env ids cannot contain braces (see validation), so
+the tag is always exactly the env id.
+
+The org/env index lives outside any env's slot; it is updated beside the
+scripts (same pipeline, not the same script) and repaired by a scan, so it may
+lag the queues but never loses an env for longer than one repair pass.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "INDEX_ORGS",
+    "DRAIN_PAUSED",
+    "STATS_TOTAL_DEPTH",
+    "EnvKeys",
+    "org_envs_key",
+    "env_keys",
+]
+
+PREFIX = "mf"
+
+# SET of org ids that have (or recently had) buffered runs.
+INDEX_ORGS = f"{PREFIX}:idx:orgs"
+# STRING: present while an operator has paused the built-in drainers.
+DRAIN_PAUSED = f"{PREFIX}:drain:paused"
+# STRING: the whole buffer's depth, recomputed by the drainer's sweep.
+STATS_TOTAL_DEPTH = f"{PREFIX}:stats:depth"
+
+
+def org_envs_key(org_id: str) -> str:
+    """SET of env ids of one org that have (or recently had) buffered runs."""
+    return f"{PREFIX}:idx:org:{org_id}"
+
+
+class EnvKeys:
+    """The keys of one environment; all in the slot of ``{env_id}``."""
+
+    __slots__ = (
+        "claim_prefix",
+        "env",
+        "env_id",
+        "failed",
+        "gate",
+        "idem_prefix",
+        "lease",
+        "policy",
+        "queue",
+        "request_prefix",
+        "retry",
+        "run_prefix",
+        "tag",
+    )
+
+    def __init__(self, env_id: str) -> None:
+        self.env_id = env_id
+        self.tag = f"{PREFIX}:{{{env_id}}}"
+        t = self.tag
+        # ZSET run_id -> arrival score (ms * 1000, strictly increasing per env).
+        self.queue = f"{t}:q"
+        # ZSET run_id -> lease deadline (ms).
+        self.lease = f"{t}:lease"
+        # ZSET run_id -> time (ms) a backed-off run may be leased again.
+        self.retry = f"{t}:retry"
+        # ZSET run_id -> time (ms) it was dead-lettered.
+        self.failed = f"{t}:failed"
+        # HASH: the sliding window and trip (ws, wc, wp, tu).
+        self.gate = f"{t}:gate"
+        # HASH: per-env overrides (threshold, window_ms, hold_ms).
+        self.policy = f"{t}:policy"
+        # HASH: org id, last arrival score, counters.
+        self.env = f"{t}:env"
+        # HASH per run: the entry (see lua/includes/entry.lua).
+        self.run_prefix = f"{t}:run:"
+        # STRING per (task, key): the run id the idempotency key is bound to.
+        self.idem_prefix = f"{t}:idem:"
+        # STRING per (task, key): a pre-gate claim's ownership token.
+        self.claim_prefix = f"{t}:claim:"
+        # STRING per request id: the stored answer of a mutating call.
+        self.request_prefix = f"{t}:req:"
+
+    def run(self, run_id: str) -> str:
+        return self.run_prefix + run_id
+
+    def idem(self, task_identifier: str, idempotency_key: str) -> str:
+        # Task identifiers cannot contain ':', so the split is unambiguous.
+        return f"{self.idem_prefix}{task_identifier}:{idempotency_key}"
+
+    def claim(self, task_identifier: str, idempotency_key: str) -> str:
+        return f"{self.claim_prefix}{task_identifier}:{idempotency_key}"
+
+    def request(self, request_id: str) -> str:
+        return self.request_prefix + request_id
+
+
+def env_keys(env_id: str) -> EnvKeys:
+    """The keys of one environment."""
+    return EnvKeys(env_id)

@@ -1,0 +1,116 @@
+"""The Lua scripts in ``lua/``: loaded once, called by SHA, reloaded on NOSCRIPT.
+
+A script may pull shared code in with a line ``--- @include "includes/name"``;
+the include is pasted in place before hashing, so each script is still one
+self-contained EVAL body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+__all__ = ["Script", "Scripts", "load_scripts", "script_names"]
+
+_INCLUDE = re.compile(r'^--- @include "([a-z_/]+)"\s*$', re.MULTILINE)
+
+
+def script_names() -> list[str]:
+    """Every top-level ``lua/*.lua`` file (includes live in ``lua/includes``)."""
+    folder = resources.files("mollifier").joinpath("lua")
+    return sorted(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".lua"))
+
+
+Arg = str | bytes | int | float
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """One Lua script; call it with a client (or queue it on a pipeline)."""
+
+    name: str
+    source: str
+    sha: str
+
+    async def __call__(self, client: Any, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Redis restarted or was flushed: load again and retry once.
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+    def queue(self, pipe: Any, keys: Sequence[str], args: Sequence[Arg]) -> None:
+        """Add the call to a pipeline; ``Scripts.execute`` handles NOSCRIPT."""
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+
+def _read(name: str) -> str:
+    return resources.files("mollifier").joinpath("lua").joinpath(f"{name}.lua").read_text()
+
+
+def _expand(source: str, seen: tuple[str, ...] = ()) -> str:
+    def include(match: re.Match[str]) -> str:
+        inc = match.group(1)
+        if inc in seen:
+            raise ValueError(f"include cycle at {inc}")
+        return _expand(_read(inc), (*seen, inc))
+
+    return _INCLUDE.sub(include, source)
+
+
+class Scripts:
+    """Every script by name, as attributes (``scripts.trigger``)."""
+
+    def __init__(self, names: Sequence[str] | None = None) -> None:
+        self.by_name: dict[str, Script] = {}
+        for name in script_names() if names is None else names:
+            body = _expand(_read(name))
+            sha = hashlib.sha1(body.encode()).hexdigest()
+            self.by_name[name] = Script(name, body, sha)
+
+    def __getattr__(self, name: str) -> Script:
+        try:
+            return self.__dict__["by_name"][name]  # type: ignore[no-any-return]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    async def load_all(self, client: Any) -> None:
+        """SCRIPT LOAD every script (on every primary, for a cluster client)."""
+        for script in self.by_name.values():
+            await client.script_load(script.source)
+
+    async def execute(self, client: Any, build: Any) -> list[Any]:
+        """Run ``build(pipe)`` as one pipeline; on NOSCRIPT load all and run it again.
+
+        Commands queued beside scripts must be safe to repeat (SADD, GET ...).
+        """
+        for attempt in (0, 1):
+            pipe = client.pipeline(transaction=False)
+            build(pipe)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                await self.load_all(client)
+                continue
+            for r in results:
+                if isinstance(r, Exception):
+                    raise r
+            return results
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+_cached: Scripts | None = None
+
+
+def load_scripts() -> Scripts:
+    """The scripts, read from the package once per process."""
+    global _cached
+    if _cached is None:
+        _cached = Scripts()
+    return _cached

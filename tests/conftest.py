@@ -1,0 +1,1 @@
+"""Shared fixtures live in tests/plugins (loaded by pyproject's addopts)."""
