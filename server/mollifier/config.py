@@ -59,7 +59,9 @@ class Settings:
         100_000, "Most runs one env may hold in the buffer.", minimum=1
     )
     buffer_capacity_total: int = _setting(
-        1_000_000, "Most runs the whole buffer may hold (checked against a cached total).", minimum=1
+        1_000_000,
+        "Most runs the whole buffer may hold (checked against a cached total).",
+        minimum=1,
     )
     idempotency_ttl_ms: int = _setting(
         86_400_000,
@@ -94,7 +96,9 @@ class Settings:
     drain_orgs_per_tick: int = _setting(
         50, "Most orgs visited in one drain tick (round-robin carries on next tick).", minimum=1
     )
-    drain_idle_ms: int = _setting(100, "Pause between drain ticks when nothing was found.", minimum=1)
+    drain_idle_ms: int = _setting(
+        100, "Pause between drain ticks when nothing was found.", minimum=1
+    )
     stale_after_ms: int = _setting(
         300_000, "A buffered run older than this counts as stale in the sweep gauge.", minimum=1000
     )
@@ -117,12 +121,12 @@ class Settings:
     shutdown_grace_ms: int = _setting(
         10_000, "On SIGTERM: time for in-flight RPCs and batches to finish.", minimum=0
     )
-    dev_data_dir: str = _setting(".mollifier", "Where `mollifier dev` keeps its Redis and Postgres.")
+    dev_data_dir: str = _setting(
+        ".mollifier", "Where `mollifier dev` keeps its Redis and Postgres."
+    )
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every field from ``MOLLIFIER_<NAME>``; keyword overrides win."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -148,9 +152,7 @@ class Settings:
             minimum = f.metadata.get("minimum")
             value = getattr(self, f.name)
             if minimum is not None and value < minimum:
-                raise ConfigError(
-                    f"{PREFIX}{f.name.upper()}={value}: must be at least {minimum}"
-                )
+                raise ConfigError(f"{PREFIX}{f.name.upper()}={value}: must be at least {minimum}")
         _check_hostport("MOLLIFIER_LISTEN", self.listen)
         if self.metrics_listen:
             _check_hostport("MOLLIFIER_METRICS_LISTEN", self.metrics_listen)

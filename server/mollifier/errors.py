@@ -124,9 +124,7 @@ def to_status(err: MollifierError) -> grpc.Status:
     """The gRPC status, with ErrorInfo / BadRequest / RetryInfo details."""
     code_value = err.code.value[0]
     details = [
-        _pack(
-            error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
-        )
+        _pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
     ]
     if err.violations:
         bad = error_details_pb2.BadRequest(

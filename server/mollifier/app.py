@@ -1,0 +1,89 @@
+"""The wiring: one App holds the settings, the store clients and the parts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from .buffer import Buffer
+from .config import Settings
+from .connections import make_pool, make_redis
+from .gate import Gate
+from .scripts import Scripts, load_scripts
+
+__all__ = ["App"]
+
+log = logging.getLogger("mollifier.app")
+
+
+class App:
+    """Everything a servicer needs; made by ``App.connect`` and closed by ``close``.
+
+    Servicers are thin: each RPC calls one method of ``gate``, ``buffer``,
+    ``drainer`` or ``mutations`` with plain values, so tests can call the same
+    methods without gRPC.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Any,
+        pool: AsyncConnectionPool | None,
+        scripts: Scripts,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.pool = pool
+        self.scripts = scripts
+        self.buffer = Buffer(settings, redis, scripts, pool)
+        self.gate = Gate(settings, redis, scripts, self.buffer)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def connect(cls, settings: Settings, *, start_background: bool = True) -> App:
+        """Connect to Redis (and Postgres when configured), migrate, start the drainer."""
+        redis = make_redis(settings)
+        scripts = load_scripts()
+        pool: AsyncConnectionPool | None = None
+        if settings.database_url:
+            pool = make_pool(settings)
+            await pool.open(wait=False)
+        app = cls(settings, redis, pool, scripts)
+        try:
+            await app._prepare()
+            if start_background:
+                await app.start_background()
+        except BaseException:
+            await app.close()
+            raise
+        return app
+
+    async def _prepare(self) -> None:
+        with contextlib.suppress(Exception):
+            # Not fatal: a Redis that is down now gets the scripts on first use.
+            await self.scripts.load_all(self.redis)
+        if self.pool is not None and self.settings.migrate_on_start:
+            from .migrations import migrate
+
+            await migrate(self.pool)
+
+    async def start_background(self) -> None:
+        """Start the background loops (total-depth refresh, drainer)."""
+        self._tasks.append(asyncio.create_task(self.buffer.refresh_total_loop()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+        if self.pool is not None:
+            with contextlib.suppress(Exception):
+                await self.pool.close()

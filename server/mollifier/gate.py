@@ -1,0 +1,372 @@
+"""The gate: one decision per trigger, and the idempotency-key claims.
+
+The cascade, in order: kill switch off -> PASS_THROUGH (DISABLED); org flag
+``mollifierEnabled`` not set -> PASS_THROUGH (ORG_NOT_ENABLED); debounce,
+one-time-use token or wait-for-completion -> PASS_THROUGH (BYPASS_*); then the
+trip evaluator in Redis (lua/evaluate.lua): SHADOW_LOG in shadow mode when it
+would trip, MOLLIFY when tripped or while the env still has a backlog, else
+PASS_THROUGH. The first steps need no Redis at all; the last is one script
+call bounded by MOLLIFIER_GATE_TIMEOUT_MS, and any Redis failure answers
+PASS_THROUGH with reason FAIL_OPEN: the gate never blocks a trigger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from mollifier_client.v1 import gate_pb2, run_pb2
+
+from .buffer import RESULT_ACCEPTED, RESULT_DUP_IDEM, RESULT_DUP_RUN, Buffer
+from .codec import now_ms
+from .config import Settings
+from .errors import FailedPrecondition, InvalidArgument
+from .keys import env_keys
+from .scripts import Scripts
+from .validation import Violations
+
+__all__ = ["Claim", "Gate", "GateRequest", "Outcome", "TriggerOutcome"]
+
+log = logging.getLogger("mollifier.gate")
+
+PASS_THROUGH = gate_pb2.DECISION_PASS_THROUGH
+SHADOW_LOG = gate_pb2.DECISION_SHADOW_LOG
+MOLLIFY = gate_pb2.DECISION_MOLLIFY
+
+ORG_FLAG = "mollifierEnabled"
+MAX_BATCH = 1000
+DEFAULT_CLAIM_TTL_MS = 30_000
+MAX_CLAIM_TTL_MS = 600_000
+
+
+class GateRequest(Protocol):
+    """What the gate reads from EvaluateRequest, TriggerRequest or GateInput."""
+
+    env_id: str
+    org_id: str
+    task_identifier: str
+    debounce: bool
+    one_time_use_token: str
+    wait_for_completion: bool
+
+    @property
+    def org_feature_flags(self) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A decision and the numbers behind it."""
+
+    decision: int
+    reason: int
+    window_count: int = 0
+    threshold: int = 0
+    tripped_until_ms: int = 0
+
+    def fill(self, msg: Any) -> Any:
+        """Copy into any response carrying the gate fields; returns it."""
+        msg.decision = self.decision
+        msg.reason = self.reason
+        msg.window_count = self.window_count
+        msg.threshold = self.threshold
+        if self.tripped_until_ms:
+            msg.tripped_until.FromMilliseconds(self.tripped_until_ms)
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerOutcome:
+    """Trigger's answer: the decision, the run id, and the run when buffered."""
+
+    outcome: Outcome
+    run_id: str
+    run: run_pb2.Run | None
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A claim's answer: CLAIMED with a token, RESOLVED with a run, or BUSY."""
+
+    state: int
+    claim_token: str = ""
+    run_id: str = ""
+    retry_after_ms: int = 0
+
+
+def check_gate_request(v: Violations, req: GateRequest, *, task_required: bool) -> None:
+    v.env_id("env_id", req.env_id)
+    v.org_id("org_id", req.org_id)
+    if task_required or req.task_identifier:
+        v.task("task_identifier", req.task_identifier)
+    v.text("one_time_use_token", req.one_time_use_token, max_len=1024)
+    flags = req.org_feature_flags
+    if len(flags) > 256:
+        v.add("org_feature_flags", "must hold at most 256 flags")
+
+
+class Gate:
+    """Decisions, claims and per-env policy; see the module docstring."""
+
+    def __init__(self, settings: Settings, redis: Any, scripts: Scripts, buffer: Buffer) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.scripts = scripts
+        self.buffer = buffer
+        self.timeout = settings.gate_timeout_ms / 1000
+        self._defaults = (
+            settings.trip_threshold,
+            settings.trip_window_ms,
+            settings.trip_hold_ms,
+            "1" if settings.shadow_mode else "0",
+        )
+
+    # -- the cascade -----------------------------------------------------------
+
+    def pre_decision(self, req: GateRequest) -> Outcome | None:
+        """The steps decided without Redis; None when the evaluator must decide."""
+        if not self.settings.enabled:
+            return Outcome(PASS_THROUGH, gate_pb2.DECISION_REASON_DISABLED)
+        if not req.org_feature_flags.get(ORG_FLAG, False):
+            return Outcome(PASS_THROUGH, gate_pb2.DECISION_REASON_ORG_NOT_ENABLED)
+        if req.debounce:
+            return Outcome(PASS_THROUGH, gate_pb2.DECISION_REASON_BYPASS_DEBOUNCE)
+        if req.one_time_use_token:
+            return Outcome(PASS_THROUGH, gate_pb2.DECISION_REASON_BYPASS_ONE_TIME_USE_TOKEN)
+        if req.wait_for_completion:
+            return Outcome(PASS_THROUGH, gate_pb2.DECISION_REASON_BYPASS_WAIT_FOR_COMPLETION)
+        return None
+
+    def _evaluate_call(self, env_id: str) -> tuple[list[str], tuple[Any, ...]]:
+        k = env_keys(env_id)
+        return [k.gate, k.policy, k.queue, k.lease, k.retry], self._defaults
+
+    async def evaluate(self, req: GateRequest) -> Outcome:
+        """One decision; never raises for a store failure (FAIL_OPEN instead)."""
+        v = Violations()
+        check_gate_request(v, req, task_required=False)
+        v.raise_if_any()
+        pre = self.pre_decision(req)
+        if pre is not None:
+            return pre
+        keys, args = self._evaluate_call(req.env_id)
+        try:
+            r = await asyncio.wait_for(self.scripts.evaluate(self.redis, keys, args), self.timeout)
+        except Exception as exc:  # any Redis trouble: pass through, never block
+            return self._fail_open(exc)
+        return Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]))
+
+    async def evaluate_batch(self, reqs: Sequence[GateRequest]) -> list[Outcome]:
+        """Many decisions in one Redis round trip, in order."""
+        if len(reqs) > MAX_BATCH:
+            raise InvalidArgument([("inputs", f"must hold at most {MAX_BATCH} inputs")])
+        v = Violations()
+        for i, req in enumerate(reqs):
+            sub = Violations()
+            check_gate_request(sub, req, task_required=False)
+            for field, desc in sub.items:
+                v.add(f"inputs[{i}].{field}", desc)
+        v.raise_if_any()
+        outcomes: list[Outcome | None] = [self.pre_decision(r) for r in reqs]
+        todo = [i for i, o in enumerate(outcomes) if o is None]
+        if todo:
+
+            def build(pipe: Any) -> None:
+                for i in todo:
+                    keys, args = self._evaluate_call(reqs[i].env_id)
+                    self.scripts.evaluate.queue(pipe, keys, args)
+
+            try:
+                results = await asyncio.wait_for(
+                    self.scripts.execute(self.redis, build), self.timeout
+                )
+            except Exception as exc:
+                failed = self._fail_open(exc)
+                results = None
+            for n, i in enumerate(todo):
+                if results is None:
+                    outcomes[i] = failed
+                else:
+                    r = results[n]
+                    outcomes[i] = Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]))
+        return [o for o in outcomes if o is not None]
+
+    def _fail_open(self, exc: BaseException) -> Outcome:
+        log.warning(
+            "gate failing open",
+            extra={"error": type(exc).__name__, "reason": "FAIL_OPEN"},
+        )
+        return Outcome(PASS_THROUGH, gate_pb2.DECISION_REASON_FAIL_OPEN)
+
+    async def trigger(self, req: GateRequest, snapshot: run_pb2.RunSnapshot) -> TriggerOutcome:
+        """Decide and, when MOLLIFY, buffer the snapshot in the same round trip."""
+        v = Violations()
+        check_gate_request(v, req, task_required=True)
+        v.raise_if_any()
+        snap = self.buffer.prepare_snapshot(
+            snapshot,
+            env_id=req.env_id,
+            org_id=req.org_id,
+            task_identifier=req.task_identifier,
+        )
+        pre = self.pre_decision(req)
+        if pre is not None:
+            return TriggerOutcome(pre, snap.run_id, None, False)
+        keys, args = self.buffer.accept_call(snap)
+        k = env_keys(snap.env_id)
+        script_keys = [k.gate, k.policy, *keys]
+        script_args = [*self._defaults, *args]
+
+        def build(pipe: Any) -> None:
+            self.scripts.trigger.queue(pipe, script_keys, script_args)
+            self.buffer.queue_index(pipe, snap.org_id, snap.env_id)
+
+        try:
+            results = await asyncio.wait_for(self.scripts.execute(self.redis, build), self.timeout)
+        except Exception as exc:
+            # The script may have run before the failure: the caller writes the
+            # run with this same run id, and materialization is idempotent on it.
+            return TriggerOutcome(self._fail_open(exc), snap.run_id, None, False)
+        r = results[0]
+        outcome = Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]))
+        result = int(r[5])
+        if result == 0 or outcome.reason == gate_pb2.DECISION_REASON_BUFFER_FULL:
+            return TriggerOutcome(outcome, snap.run_id, None, False)
+        run_id = r[6].decode()
+        if result == RESULT_ACCEPTED:
+            run = self.buffer.accepted_run(snap, int(r[7]))
+            return TriggerOutcome(outcome, run_id, run, False)
+        if result in (RESULT_DUP_IDEM, RESULT_DUP_RUN):
+            existing = await self.buffer.existing_run(snap.env_id, run_id, r[8])
+            return TriggerOutcome(outcome, run_id, existing, True)
+        raise AssertionError(f"unknown trigger result {result}")
+
+    # -- idempotency claims ----------------------------------------------------
+
+    def _check_key(self, v: Violations, env_id: str, task: str, key: str) -> None:
+        v.env_id("env_id", env_id)
+        v.task("task_identifier", task)
+        v.idempotency_key("idempotency_key", key)
+
+    async def claim(self, env_id: str, task: str, key: str, ttl_ms: int = 0) -> Claim:
+        v = Violations()
+        self._check_key(v, env_id, task, key)
+        if ttl_ms < 0 or ttl_ms > MAX_CLAIM_TTL_MS:
+            v.add("claim_ttl", f"must be 0 to {MAX_CLAIM_TTL_MS} ms")
+        v.raise_if_any()
+        k = env_keys(env_id)
+        token = secrets.token_urlsafe(18)
+        r = await self.scripts.claim(
+            self.redis,
+            [k.idem(task, key), k.claim(task, key)],
+            [token, ttl_ms or DEFAULT_CLAIM_TTL_MS],
+        )
+        state = int(r[0])
+        value = r[1].decode()
+        if state == gate_pb2.CLAIM_STATE_CLAIMED:
+            return Claim(state, claim_token=value)
+        if state == gate_pb2.CLAIM_STATE_RESOLVED:
+            return Claim(state, run_id=value)
+        return Claim(state, retry_after_ms=int(r[2]))
+
+    async def publish(
+        self, env_id: str, task: str, key: str, token: str, run_id: str, expires_at_ms: int = 0
+    ) -> str:
+        v = Violations()
+        self._check_key(v, env_id, task, key)
+        v.text("claim_token", token, max_len=128, required=True)
+        v.run_id("run_id", run_id)
+        if expires_at_ms and expires_at_ms <= now_ms():
+            v.add("expires_at", "must lie in the future")
+        v.raise_if_any()
+        k = env_keys(env_id)
+        expires = expires_at_ms or now_ms() + self.settings.idempotency_ttl_ms
+        r = await self.scripts.publish(
+            self.redis, [k.idem(task, key), k.claim(task, key)], [token, run_id, expires]
+        )
+        code = int(r[0])
+        if code == 1:
+            return run_id
+        if code == -1:
+            raise FailedPrecondition(
+                f"idempotency key already bound to {r[1].decode()}",
+                reason="IDEMPOTENCY_KEY_BOUND",
+                metadata={"run_id": r[1].decode()},
+            )
+        raise FailedPrecondition(
+            "the claim is not held under this token (it lapsed or belongs to another)",
+            reason="CLAIM_NOT_HELD",
+        )
+
+    async def release(self, env_id: str, task: str, key: str, token: str) -> bool:
+        v = Violations()
+        self._check_key(v, env_id, task, key)
+        v.text("claim_token", token, max_len=128, required=True)
+        v.raise_if_any()
+        k = env_keys(env_id)
+        r = await self.scripts.release(self.redis, [k.claim(task, key)], [token])
+        return int(r) == 1
+
+    # -- state and policy ------------------------------------------------------
+
+    async def env_state(self, env_id: str) -> gate_pb2.GetEnvStateResponse:
+        v = Violations()
+        v.env_id("env_id", env_id)
+        v.raise_if_any()
+        k = env_keys(env_id)
+        r = await self.scripts.env_state(
+            self.redis,
+            [k.gate, k.policy, k.queue, k.lease, k.retry, k.failed],
+            self._defaults[:3],
+        )
+        resp = gate_pb2.GetEnvStateResponse(
+            env_id=env_id,
+            window_count=int(r[0]),
+            threshold=int(r[1]),
+            buffer_depth=int(r[3]) + int(r[6]),
+            draining=int(r[4]),
+            failed=int(r[5]),
+        )
+        if int(r[2]):
+            resp.tripped_until.FromMilliseconds(int(r[2]))
+        resp.effective_policy.threshold = int(r[1])
+        resp.effective_policy.window.FromMilliseconds(int(r[10]))
+        resp.effective_policy.hold.FromMilliseconds(int(r[11]))
+        if r[7]:
+            resp.overrides.threshold = int(r[7])
+        if r[8]:
+            resp.overrides.window.FromMilliseconds(int(r[8]))
+        if r[9]:
+            resp.overrides.hold.FromMilliseconds(int(r[9]))
+        return resp
+
+    async def set_policy(self, env_id: str, policy: gate_pb2.EnvPolicy) -> gate_pb2.EnvPolicy:
+        v = Violations()
+        v.env_id("env_id", env_id)
+        if policy.threshold < 0:
+            v.add("policy.threshold", "must not be negative")
+        v.duration("policy.window", policy.window, max_ms=3_600_000)
+        v.duration("policy.hold", policy.hold, max_ms=86_400_000)
+        window_ms = policy.window.ToMilliseconds()
+        if 0 < window_ms < 10:
+            v.add("policy.window", "must be at least 10 ms")
+        v.raise_if_any()
+        k = env_keys(env_id)
+        fields = {
+            "threshold": policy.threshold,
+            "window_ms": window_ms,
+            "hold_ms": policy.hold.ToMilliseconds(),
+        }
+        pipe = self.redis.pipeline(transaction=False)
+        for name, value in fields.items():
+            if value:
+                pipe.hset(k.policy, name, value)
+            else:
+                pipe.hdel(k.policy, name)
+        await pipe.execute()
+        state = await self.env_state(env_id)
+        return state.effective_policy
