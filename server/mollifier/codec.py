@@ -50,10 +50,10 @@ def ms_from_ts(ts: timestamp_pb2.Timestamp) -> int:
     return ts.seconds * 1000 + ts.nanos // 1_000_000
 
 
-def _text(value: bytes | str | None) -> str:
+def _text(value: bytes | str | int | None) -> str:
     if value is None:
         return ""
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _int(value: bytes | str | int | None) -> int:

@@ -159,7 +159,7 @@ def classify(exc: BaseException) -> MollifierError:
     return MollifierError(f"internal error: {type(exc).__name__}")
 
 
-assert code_pb2.INTERNAL == grpc.StatusCode.INTERNAL.value[0]
+assert grpc.StatusCode.INTERNAL.value[0] == code_pb2.INTERNAL
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -168,7 +168,7 @@ def grpc_errors(method: F) -> F:
     """Wrap an async servicer method so every failure leaves as a rich status."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:
@@ -182,6 +182,6 @@ def grpc_errors(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-async def _abort(context: grpc.aio.ServicerContext, err: MollifierError) -> NoReturn:
-    await context.abort_with_status(to_status(err))
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: MollifierError) -> NoReturn:
+    await context.abort_with_status(to_status(err))  # type: ignore[attr-defined]
     raise AssertionError("abort_with_status returned")  # pragma: no cover

@@ -17,7 +17,7 @@ import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from mollifier_client.v1 import gate_pb2, run_pb2
 
@@ -28,6 +28,8 @@ from .errors import FailedPrecondition, InvalidArgument
 from .keys import env_keys
 from .scripts import Scripts
 from .validation import Violations
+
+M = TypeVar("M", gate_pb2.EvaluateResponse, gate_pb2.TriggerResponse, gate_pb2.GateOutcome)
 
 __all__ = ["Claim", "Gate", "GateRequest", "Outcome", "TriggerOutcome"]
 
@@ -67,10 +69,10 @@ class Outcome:
     threshold: int = 0
     tripped_until_ms: int = 0
 
-    def fill(self, msg: Any) -> Any:
+    def fill(self, msg: M) -> M:
         """Copy into any response carrying the gate fields; returns it."""
-        msg.decision = self.decision
-        msg.reason = self.reason
+        msg.decision = self.decision  # type: ignore[assignment]
+        msg.reason = self.reason  # type: ignore[assignment]
         msg.window_count = self.window_count
         msg.threshold = self.threshold
         if self.tripped_until_ms:

@@ -13,12 +13,12 @@ lag the queues but never loses an env for longer than one repair pass.
 from __future__ import annotations
 
 __all__ = [
-    "INDEX_ORGS",
     "DRAIN_PAUSED",
+    "INDEX_ORGS",
     "STATS_TOTAL_DEPTH",
     "EnvKeys",
-    "org_envs_key",
     "env_keys",
+    "org_envs_key",
 ]
 
 PREFIX = "mf"
