@@ -154,7 +154,7 @@ class EvaluateBatchResponse(_message.Message):
     def __init__(self, outcomes: _Optional[_Iterable[_Union[GateOutcome, _Mapping]]] = ...) -> None: ...
 
 class TriggerRequest(_message.Message):
-    __slots__ = ("env_id", "org_id", "task_identifier", "org_feature_flags", "debounce", "one_time_use_token", "wait_for_completion", "snapshot")
+    __slots__ = ("env_id", "org_id", "task_identifier", "org_feature_flags", "debounce", "one_time_use_token", "wait_for_completion", "snapshot", "write_through")
     class OrgFeatureFlagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,7 @@ class TriggerRequest(_message.Message):
     ONE_TIME_USE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     WAIT_FOR_COMPLETION_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    WRITE_THROUGH_FIELD_NUMBER: _ClassVar[int]
     env_id: str
     org_id: str
     task_identifier: str
@@ -178,7 +179,8 @@ class TriggerRequest(_message.Message):
     one_time_use_token: str
     wait_for_completion: bool
     snapshot: _run_pb2.RunSnapshot
-    def __init__(self, env_id: _Optional[str] = ..., org_id: _Optional[str] = ..., task_identifier: _Optional[str] = ..., org_feature_flags: _Optional[_Mapping[str, bool]] = ..., debounce: _Optional[bool] = ..., one_time_use_token: _Optional[str] = ..., wait_for_completion: _Optional[bool] = ..., snapshot: _Optional[_Union[_run_pb2.RunSnapshot, _Mapping]] = ...) -> None: ...
+    write_through: bool
+    def __init__(self, env_id: _Optional[str] = ..., org_id: _Optional[str] = ..., task_identifier: _Optional[str] = ..., org_feature_flags: _Optional[_Mapping[str, bool]] = ..., debounce: _Optional[bool] = ..., one_time_use_token: _Optional[str] = ..., wait_for_completion: _Optional[bool] = ..., snapshot: _Optional[_Union[_run_pb2.RunSnapshot, _Mapping]] = ..., write_through: _Optional[bool] = ...) -> None: ...
 
 class TriggerResponse(_message.Message):
     __slots__ = ("decision", "reason", "window_count", "threshold", "tripped_until", "run_id", "run", "duplicate")
