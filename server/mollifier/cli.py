@@ -1,0 +1,224 @@
+"""The ``mollifier`` command: serve, migrate and dev (later: status, inspect, drain).
+
+Each subcommand is one ``_cmd_*`` function taking the parsed arguments and
+returning an exit code; adding a command is a parser entry plus one function.
+Settings always come from ``MOLLIFIER_*`` variables (listed by ``--help``), so
+the command line and a container's environment configure the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import signal
+import stat
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .config import ConfigError, Settings, settings_table
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def _settings_help() -> str:
+    rows = settings_table()
+    width = max(len(name) for name, _, _ in rows)
+    lines = ["settings (environment variables):"]
+    for name, default, description in rows:
+        shown = default if default else '""'
+        lines.append(f"  {name:<{width}}  {description} [default: {shown}]")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    epilog = _settings_help()
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="mollifier",
+        description="Mollifier: a gRPC sidecar that buffers bursts of task triggers in Redis "
+        "and drains them into Postgres.",
+        epilog=epilog,
+        formatter_class=fmt,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser(
+        "serve",
+        help="run the sidecar against MOLLIFIER_REDIS_URL and MOLLIFIER_DATABASE_URL",
+        description="Run the sidecar until SIGTERM or SIGINT. Health turns NOT_SERVING, "
+        "in-flight calls get MOLLIFIER_SHUTDOWN_GRACE_MS, then it exits 0.",
+        epilog=epilog,
+        formatter_class=fmt,
+    )
+    sub.add_parser(
+        "migrate",
+        help="apply the Postgres schema to MOLLIFIER_DATABASE_URL",
+        description="Apply pending Postgres migrations and exit.",
+        epilog=epilog,
+        formatter_class=fmt,
+    )
+    sub.add_parser(
+        "dev",
+        help="serve with a private redis-server and postgres when no URLs are set",
+        description="Start redis-server and postgres in MOLLIFIER_DEV_DATA_DIR (default "
+        ".mollifier) unless MOLLIFIER_REDIS_URL / MOLLIFIER_DATABASE_URL are set, print "
+        "their URLs and a grpcurl line to try, serve, and stop them on exit.",
+        epilog=epilog,
+        formatter_class=fmt,
+    )
+    return parser
+
+
+def _load_settings(**overrides: Any) -> Settings:
+    return Settings.from_env(**overrides)
+
+
+def _setup_logs(settings: Settings) -> None:
+    from .logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import run, serve
+
+    settings = _load_settings()
+    _setup_logs(settings)
+    if not settings.redis_url:
+        raise ConfigError("MOLLIFIER_REDIS_URL is not set (or use `mollifier dev`)")
+    run(serve(settings))
+    return EXIT_OK
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _load_settings()
+    _setup_logs(settings)
+    if not settings.database_url:
+        raise ConfigError("MOLLIFIER_DATABASE_URL is not set")
+
+    async def go() -> None:
+        from .connections import make_pool
+        from .migrations import migrate
+
+        pool = make_pool(settings)
+        await pool.open(wait=True, timeout=30)
+        try:
+            await migrate(pool)
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
+    print("migrations applied")
+    return EXIT_OK
+
+
+def _traversable_by_others(folder: Path) -> None:
+    """Postgres runs as the ``postgres`` user when we are root; it must reach its folder."""
+    if os.geteuid() != 0:
+        return
+    folder.chmod(folder.stat().st_mode | stat.S_IXOTH)
+    for parent in folder.parents:
+        if not parent.stat().st_mode & stat.S_IXOTH:
+            raise ConfigError(
+                f"MOLLIFIER_DEV_DATA_DIR={folder}: {parent} is not searchable by the postgres "
+                "user (chmod o+x it, or choose another folder)"
+            )
+
+
+def _try_line(settings: Settings, listen: str) -> str:
+    body = (
+        '{"env_id":"env_dev","org_id":"org_dev","task_identifier":"hello",'
+        '"org_feature_flags":{"mollifierEnabled":true}}'
+    )
+    auth = ""
+    if settings.auth_token:
+        auth = "-H 'authorization: Bearer $MOLLIFIER_AUTH_TOKEN' "
+    plain = "" if settings.tls_cert_file else "-plaintext "
+    return f"grpcurl {plain}{auth}-d {shlex.quote(body)} {listen} mollifier.v1.GateService/Evaluate"
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    from .devstack import PostgresProcess, RedisProcess
+    from .server import Sidecar, run, serve
+
+    settings = _load_settings()
+    _setup_logs(settings)
+    data_dir = Path(settings.dev_data_dir).expanduser().resolve()
+    stoppers: list[Callable[[], None]] = []
+
+    # Until the server's own handlers take over, SIGTERM must still unwind
+    # through `finally` so the servers started below are stopped.
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        overrides: dict[str, str] = {}
+        if not settings.redis_url:
+            # AOF on: dev data survives a restart and the safety check stays quiet.
+            redis = RedisProcess(data_dir / "redis", appendonly=True)
+            redis.start()
+            stoppers.append(redis.stop)
+            overrides["redis_url"] = redis.url
+        if not settings.database_url:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            _traversable_by_others(data_dir)
+            pg = PostgresProcess(data_dir / "postgres")
+            pg.start()
+            stoppers.append(pg.stop)
+            overrides["database_url"] = pg.url
+        settings = settings.replace(**overrides)
+        print(f"redis:    {settings.redacted()['redis_url']}", flush=True)
+        print(f"postgres: {settings.redacted()['database_url']}", flush=True)
+
+        def ready(sidecar: Sidecar) -> None:
+            print(f"listening on {sidecar.address}; try:", flush=True)
+            print("  " + _try_line(settings, sidecar.address), flush=True)
+
+        run(serve(settings, ready=ready))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for stop in reversed(stoppers):
+            stop()
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": _cmd_serve,
+    "migrate": _cmd_migrate,
+    "dev": _cmd_dev,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    from .server import StartupError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"mollifier: bad setting: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StartupError as exc:
+        print(f"mollifier: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
