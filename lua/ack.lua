@@ -1,0 +1,54 @@
+--[[
+  Complete leased runs: their rows are committed, so they leave the buffer.
+
+  Only the holder of the lease can ack: a run whose state is not D or whose
+  lease token differs (its lease expired and it went to someone else) is
+  rejected and left untouched, so a late ack from an expired holder changes
+  nothing.
+
+  The run's idempotency binding (field `ik`) outlives it: when the binding still
+  points at this run it gets a TTL (only when it has none yet), so triggers
+  with the key keep finding the run in Postgres for that long. When the run was
+  resolved to another run (its key was already bound in Postgres), the binding
+  is pointed at that run.
+
+  Input:
+    KEYS[1] lease zset    mf:{env}:lease
+
+    ARGV[1] run hash key prefix, mf:{env}:run:
+    ARGV[2] binding key prefix, mf:{env}:idem:
+    ARGV[3] lease token
+    ARGV[4] binding TTL after the run left the buffer (ms)
+    ARGV[5], ARGV[6] ... pairs: run id, the run it resolved to ("" = itself)
+
+  Output: { acked, {rejected run ids} }
+]]
+local rcall = redis.call
+local leaseKey = KEYS[1]
+local prefix, idemPrefix, token, idemTtl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+
+local acked, rejected = 0, {}
+for i = 5, #ARGV, 2 do
+  local runId, resolved = ARGV[i], ARGV[i + 1]
+  local runKey = prefix .. runId
+  local f = rcall("HMGET", runKey, "st", "lt", "ik")
+  if f[1] == "D" and f[2] == token then
+    if f[3] and f[3] ~= "" then
+      local idemKey = idemPrefix .. f[3]
+      if rcall("GET", idemKey) == runId then
+        if resolved ~= "" and resolved ~= runId then
+          rcall("SET", idemKey, resolved, "KEEPTTL")
+        end
+        if rcall("PTTL", idemKey) == -1 then
+          rcall("PEXPIRE", idemKey, idemTtl)
+        end
+      end
+    end
+    rcall("DEL", runKey)
+    rcall("ZREM", leaseKey, runId)
+    acked = acked + 1
+  else
+    rejected[#rejected + 1] = runId
+  end
+end
+return { acked, rejected }

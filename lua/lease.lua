@@ -1,0 +1,92 @@
+--[[
+  Lease up to N runs from the head of one env's queue (drainer or Lease RPC).
+
+  First it puts back what is due: runs whose lease deadline passed (their
+  holder died or gave up) go back to the queue at their arrival score `sc`,
+  i.e. the head, unless their attempts are used up, in which case they are
+  dead-lettered; runs whose backoff ended leave the retry set for the queue,
+  also at `sc`. Then it pops up to N runs from the head.
+
+  Attempts are counted here, at lease: every lease is one materialization
+  attempt, so a run whose batch kills its drainer (and is never nacked) still
+  runs out of attempts and is dead-lettered instead of looping forever.
+
+  Input:
+    KEYS[1] queue zset    mf:{env}:q
+    KEYS[2] lease zset    mf:{env}:lease
+    KEYS[3] retry zset    mf:{env}:retry
+    KEYS[4] failed zset   mf:{env}:failed
+
+    ARGV[1] run hash key prefix, mf:{env}:run:
+    ARGV[2] most runs to lease (N, 0 only reclaims)
+    ARGV[3] lease duration (ms)
+    ARGV[4] lease token (one per batch)
+    ARGV[5] max attempts: an expired lease at this many attempts is dead-lettered
+    ARGV[6] most expired / due runs moved back per call (bounds the script's work)
+
+  Output: { nowMs, deadlineMs, reclaimed, deadLettered, entries }
+    entries: { {runId, s, sc, ca, at, cx, cr, ik, org, le}, ... } in queue order,
+    `at` already counting this lease
+]]
+local rcall = redis.call
+local queueKey, leaseKey, retryKey, failedKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local prefix = ARGV[1]
+local want, leaseMs, token = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local maxAttempts, reclaimMax = tonumber(ARGV[5]), tonumber(ARGV[6])
+
+--- @include "includes/time"
+
+local now = now_ms()
+local deadline = now + leaseMs
+local reclaimed, deadLettered = 0, 0
+
+-- Expired leases: back to the head, or dead-lettered when out of attempts.
+local expired = rcall("ZRANGEBYSCORE", leaseKey, "-inf", "(" .. now, "LIMIT", 0, reclaimMax)
+for _, runId in ipairs(expired) do
+  local runKey = prefix .. runId
+  rcall("ZREM", leaseKey, runId)
+  local f = rcall("HMGET", runKey, "sc", "at")
+  if f[1] then
+    rcall("HDEL", runKey, "lt", "ld")
+    if (tonumber(f[2]) or 0) >= maxAttempts then
+      rcall("HSET", runKey, "st", "F", "le", "lease expired after " .. (f[2] or "0") .. " attempts")
+      rcall("ZADD", failedKey, now, runId)
+      deadLettered = deadLettered + 1
+    else
+      rcall("HSET", runKey, "st", "Q")
+      rcall("ZADD", queueKey, f[1], runId)
+      reclaimed = reclaimed + 1
+    end
+    rcall("HINCRBY", runKey, "v", 1)
+  end
+end
+
+-- Backoff over: back to the queue at the arrival score.
+local due = rcall("ZRANGEBYSCORE", retryKey, "-inf", now, "LIMIT", 0, reclaimMax)
+for _, runId in ipairs(due) do
+  rcall("ZREM", retryKey, runId)
+  local sc = rcall("HGET", prefix .. runId, "sc")
+  if sc then
+    rcall("ZADD", queueKey, sc, runId)
+  end
+end
+
+local entries = {}
+if want > 0 then
+  local ids = rcall("ZRANGE", queueKey, 0, want - 1)
+  for _, runId in ipairs(ids) do
+    local runKey = prefix .. runId
+    rcall("ZREM", queueKey, runId)
+    local f = rcall("HMGET", runKey, "s", "sc", "ca", "at", "cx", "cr", "ik", "org", "le")
+    -- A queue ref whose hash is gone (should not happen; skip it, never lease it).
+    if f[1] then
+      local at = (tonumber(f[4]) or 0) + 1
+      rcall("HSET", runKey, "st", "D", "lt", token, "ld", deadline, "at", at)
+      rcall("HINCRBY", runKey, "v", 1)
+      rcall("ZADD", leaseKey, deadline, runId)
+      entries[#entries + 1] = { runId, f[1], f[2] or "0", f[3] or "0", at,
+        f[5] or "", f[6] or "", f[7] or "", f[8] or "", f[9] or "" }
+    end
+  end
+end
+return { now, deadline, reclaimed, deadLettered, entries }

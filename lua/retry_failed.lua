@@ -1,0 +1,57 @@
+--[[
+  Put dead-lettered runs back in their queue, at their arrival score (the
+  head), with their attempts reset (RetryFailed). The last error is kept.
+
+  A request id makes a retried call apply once: its answer is stored for a day
+  and a repeat returns it without moving anything.
+
+  Input:
+    KEYS[1] queue zset    mf:{env}:q
+    KEYS[2] failed zset   mf:{env}:failed
+    KEYS[3] request key   mf:{env}:req:<request_id> (any key of the slot when none)
+
+    ARGV[1] run hash key prefix, mf:{env}:run:
+    ARGV[2] "1" when a request id was given (KEYS[3] is then used)
+    ARGV[3] "1" to retry every failed run of the env (ARGV[4..] ignored)
+    ARGV[4] ... run ids
+
+  Output: retried count (the stored count on a repeated request id)
+]]
+local rcall = redis.call
+local queueKey, failedKey, requestKey = KEYS[1], KEYS[2], KEYS[3]
+local prefix, hasRequest, all = ARGV[1], ARGV[2] == "1", ARGV[3] == "1"
+
+if hasRequest then
+  local stored = rcall("GET", requestKey)
+  if stored then
+    return tonumber(stored)
+  end
+end
+
+local ids = {}
+if all then
+  ids = rcall("ZRANGE", failedKey, 0, -1)
+else
+  for i = 4, #ARGV do
+    ids[#ids + 1] = ARGV[i]
+  end
+end
+
+local retried = 0
+for _, runId in ipairs(ids) do
+  if rcall("ZSCORE", failedKey, runId) then
+    rcall("ZREM", failedKey, runId)
+    local runKey = prefix .. runId
+    local sc = rcall("HGET", runKey, "sc")
+    if sc then
+      rcall("HSET", runKey, "st", "Q", "at", 0)
+      rcall("HINCRBY", runKey, "v", 1)
+      rcall("ZADD", queueKey, sc, runId)
+      retried = retried + 1
+    end
+  end
+end
+if hasRequest then
+  rcall("SET", requestKey, retried, "PX", 86400000)
+end
+return retried

@@ -1,0 +1,534 @@
+"""Writing runs into ``mollifier.runs`` and reading them back.
+
+``materialize_batch`` writes a whole batch in ONE statement
+(``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING RETURNING``), so
+it is idempotent on run id: a batch committed by a drainer that died before its
+ack creates nothing twice when it is leased again. A run whose idempotency key
+is already bound in Postgres to another run is not created; it resolves to that
+run.
+
+Errors are classified by SQLSTATE (``is_retryable``). A retryable error is
+raised to the caller (which requeues the batch with backoff); any other error
+makes the batch fall back to row-by-row so only the bad rows become
+SYSTEM_FAILURE rows, written from the snapshot with the error. When even that
+write fails retryably, the entry is reported ``RETRY`` and is never dropped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from google.protobuf.message import DecodeError
+from mollifier_client.v1 import run_pb2
+from psycopg_pool import AsyncConnectionPool
+
+from .codec import ms_from_ts, now_ms, ts_from_ms
+
+__all__ = [
+    "RETRYABLE_SQLSTATES",
+    "Entry",
+    "LeaseLost",
+    "Outcome",
+    "Result",
+    "is_retryable",
+    "materialize_batch",
+    "materialize_one",
+    "read_run",
+    "read_run_by_idempotency_key",
+    "row_values",
+]
+
+# admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
+# serialization_failure, deadlock_detected; plus the whole class 08 (connection).
+RETRYABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01"})
+
+STATUS_PENDING = "PENDING"
+STATUS_DELAYED = "DELAYED"
+STATUS_CANCELED = "CANCELED"
+STATUS_SYSTEM_FAILURE = "SYSTEM_FAILURE"
+
+_STATUS_TO_PROTO = {
+    STATUS_PENDING: run_pb2.RUN_STATUS_PENDING,
+    STATUS_DELAYED: run_pb2.RUN_STATUS_DELAYED,
+    STATUS_CANCELED: run_pb2.RUN_STATUS_CANCELED,
+    STATUS_SYSTEM_FAILURE: run_pb2.RUN_STATUS_SYSTEM_FAILURE,
+}
+
+MAX_ERROR_CHARS = 2000
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Connection loss, shutdown, too many connections, serialization, deadlock."""
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate
+        if state is None:
+            # No SQLSTATE: the connection itself failed (refused, reset, closed).
+            return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+        return state.startswith("08") or state in RETRYABLE_SQLSTATES
+    # The pool could not hand out a connection in time: Postgres is away.
+    from psycopg_pool import PoolTimeout
+
+    return isinstance(exc, (PoolTimeout, OSError, TimeoutError))
+
+
+class LeaseLost(Exception):
+    """The lease would run out before commit; the batch was rolled back."""
+
+
+class Outcome(enum.Enum):
+    CREATED = "created"  # a new row
+    EXISTS = "exists"  # this run id was already a row (an earlier, unacked commit)
+    RESOLVED = "resolved"  # its idempotency key is bound to another run's row
+    SYSTEM_FAILURE = "system_failure"  # written as a SYSTEM_FAILURE row
+    RETRY = "retry"  # nothing written; requeue (retryable error)
+
+
+@dataclass(slots=True)
+class Entry:
+    """One run to materialize: its snapshot and the buffer fields that matter."""
+
+    snapshot: run_pb2.RunSnapshot
+    accepted_ms: int = 0
+    canceled_ms: int = 0
+    cancel_reason: str = ""
+    raw: bytes = b""
+
+    @property
+    def run_id(self) -> str:
+        return self.snapshot.run_id
+
+    @classmethod
+    def from_snapshot(cls, snap: run_pb2.RunSnapshot, accepted_ms: int = 0) -> Entry:
+        return cls(snap, accepted_ms or now_ms(), raw=snap.SerializeToString())
+
+
+@dataclass(slots=True)
+class Result:
+    run_id: str
+    outcome: Outcome
+    error: str = ""
+    # The run the entry resolves to (itself, or the holder of its key).
+    resolved_run_id: str = ""
+    retryable: bool = field(default=False)
+
+
+# -- rows ----------------------------------------------------------------------
+
+_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("run_id", "text"),
+    ("env_id", "text"),
+    ("org_id", "text"),
+    ("task_identifier", "text"),
+    ("status", "text"),
+    ("payload", "bytea"),
+    ("payload_type", "text"),
+    ("idempotency_key", "text"),
+    ("idempotency_key_expires_at", "timestamptz"),
+    ("tags", "text"),  # an array literal, cast to text[] in SQL (unnest cannot nest arrays)
+    ("metadata", "text"),  # cast to jsonb in SQL, so a bad document fails in Postgres
+    ("metadata_type", "text"),
+    ("delay_until", "timestamptz"),
+    ("ttl_ms", "int8"),
+    ("queue", "text"),
+    ("concurrency_key", "text"),
+    ("machine_preset", "text"),
+    ("parent_run_id", "text"),
+    ("root_run_id", "text"),
+    ("batch_id", "text"),
+    ("batch_index", "int4"),
+    ("trace_id", "text"),
+    ("span_id", "text"),
+    ("max_attempts", "int4"),
+    ("priority", "int4"),
+    ("extra", "text"),
+    ("error", "text"),
+    ("canceled_at", "timestamptz"),
+    ("cancel_reason", "text"),
+    ("created_at", "timestamptz"),
+    ("snapshot", "bytea"),
+)
+COLUMN_NAMES = tuple(name for name, _ in _COLUMNS)
+
+
+def _select_expr(name: str, src: str) -> str:
+    if name == "tags":
+        return f"{src}::text[]"
+    if name in ("metadata", "extra"):
+        return f"{src}::jsonb"
+    return src
+
+
+def _ts(ms: int) -> dt.datetime | None:
+    if not ms:
+        return None
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+
+
+def _array_literal(items: Sequence[str]) -> str:
+    # Every element quoted, so commas, braces and spaces inside tags are kept.
+    quoted = ('"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"' for t in items)
+    return "{" + ",".join(quoted) + "}"
+
+
+def _opt(s: str) -> str | None:
+    return s or None
+
+
+def row_values(entry: Entry, *, now: int | None = None, error: str = "") -> tuple[Any, ...]:
+    """The row of one run, in COLUMN_NAMES order. With ``error``: a SYSTEM_FAILURE
+    row whose JSON columns are left empty (they may be what Postgres refused)."""
+    s = entry.snapshot
+    t = now if now is not None else now_ms()
+    delay_ms = ms_from_ts(s.delay_until) if s.HasField("delay_until") else 0
+    if error:
+        status = STATUS_SYSTEM_FAILURE
+    elif entry.canceled_ms:
+        status = STATUS_CANCELED
+    elif delay_ms > t:
+        status = STATUS_DELAYED
+    else:
+        status = STATUS_PENDING
+    has_key = bool(s.idempotency_key)
+    expires_ms = (
+        ms_from_ts(s.idempotency_key_expires_at)
+        if has_key and s.HasField("idempotency_key_expires_at")
+        else 0
+    )
+    metadata = None if error or not s.metadata else s.metadata.decode("utf-8", "replace")
+    extra = "{}" if error else json.dumps(dict(s.extra))
+    return (
+        s.run_id,
+        s.env_id,
+        s.org_id,
+        s.task_identifier,
+        status,
+        s.payload,
+        s.payload_type,
+        s.idempotency_key if has_key else None,
+        _ts(expires_ms),
+        "{}" if error else _array_literal(s.tags),
+        metadata,
+        s.metadata_type,
+        _ts(delay_ms),
+        s.ttl.ToMilliseconds() if s.HasField("ttl") else None,
+        s.queue,
+        s.concurrency_key,
+        s.machine_preset,
+        _opt(s.parent_run_id),
+        _opt(s.root_run_id),
+        _opt(s.batch_id),
+        s.batch_index if s.batch_id else None,
+        s.trace_id,
+        s.span_id,
+        s.max_attempts,
+        s.priority,
+        extra,
+        error[:MAX_ERROR_CHARS] if error else None,
+        _ts(entry.canceled_ms),
+        entry.cancel_reason or None,
+        _ts(entry.accepted_ms or t),
+        entry.raw or s.SerializeToString(),
+    )
+
+
+_UNNEST_SQL = (
+    "INSERT INTO mollifier.runs ({cols}) SELECT {exprs} FROM unnest({params}) AS u({cols}) "
+    "ON CONFLICT DO NOTHING RETURNING run_id"
+).format(
+    cols=", ".join(COLUMN_NAMES),
+    exprs=", ".join(_select_expr(n, f"u.{n}") for n in COLUMN_NAMES),
+    params=", ".join(f"%s::{t}[]" for _, t in _COLUMNS),
+)
+
+_ONE_SQL = (
+    "INSERT INTO mollifier.runs ({cols}) SELECT {exprs} FROM (VALUES ({params})) AS u({cols}) "
+    "ON CONFLICT DO NOTHING RETURNING run_id"
+).format(
+    cols=", ".join(COLUMN_NAMES),
+    exprs=", ".join(_select_expr(n, f"u.{n}") for n in COLUMN_NAMES),
+    params=", ".join(f"%s::{t}" for _, t in _COLUMNS),
+)
+
+# An expired key frees itself: clear it on the old row so a new run may bind it.
+_RELEASE_EXPIRED_SQL = (
+    "UPDATE mollifier.runs r SET idempotency_key = NULL "
+    "FROM unnest(%s::text[], %s::text[], %s::text[]) AS k(env_id, task, key) "
+    "WHERE r.env_id = k.env_id AND r.task_identifier = k.task AND r.idempotency_key = k.key "
+    "AND r.idempotency_key_expires_at IS NOT NULL AND r.idempotency_key_expires_at <= now()"
+)
+
+# Who holds the keys of the entries that were not inserted.
+_HOLDERS_SQL = (
+    "SELECT r.run_id, r.env_id, r.task_identifier, r.idempotency_key FROM mollifier.runs r "
+    "JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(env_id, task, key) "
+    "ON r.env_id = k.env_id AND r.task_identifier = k.task AND r.idempotency_key = k.key"
+)
+
+_EXISTING_SQL = "SELECT run_id FROM mollifier.runs WHERE run_id = ANY(%s::text[])"
+
+
+Conn = psycopg.AsyncConnection[Any]
+CommitCheck = Callable[[], bool]
+
+
+async def _release_expired(conn: Conn, entries: Sequence[Entry]) -> None:
+    keyed = [e.snapshot for e in entries if e.snapshot.idempotency_key]
+    if keyed:
+        await conn.execute(
+            _RELEASE_EXPIRED_SQL,
+            (
+                [s.env_id for s in keyed],
+                [s.task_identifier for s in keyed],
+                [s.idempotency_key for s in keyed],
+            ),
+        )
+
+
+async def _resolve_missing(
+    conn: Conn, entries: Sequence[Entry], inserted: set[str]
+) -> list[Result]:
+    """Results for a written batch: CREATED, or why a row was not inserted."""
+    missing = [e for e in entries if e.run_id not in inserted]
+    existing: set[str] = set()
+    holders: dict[tuple[str, str, str], str] = {}
+    if missing:
+        cur = await conn.execute(_EXISTING_SQL, ([e.run_id for e in missing],))
+        existing = {r[0] for r in await cur.fetchall()}
+        keyed = [e.snapshot for e in missing if e.run_id not in existing]
+        if keyed:
+            cur = await conn.execute(
+                _HOLDERS_SQL,
+                (
+                    [s.env_id for s in keyed],
+                    [s.task_identifier for s in keyed],
+                    [s.idempotency_key for s in keyed],
+                ),
+            )
+            for run_id, env_id, task, key in await cur.fetchall():
+                holders[(env_id, task, key)] = run_id
+    results: list[Result] = []
+    for e in entries:
+        s = e.snapshot
+        if e.run_id in inserted:
+            results.append(Result(e.run_id, Outcome.CREATED, resolved_run_id=e.run_id))
+        elif e.run_id in existing:
+            results.append(Result(e.run_id, Outcome.EXISTS, resolved_run_id=e.run_id))
+        else:
+            holder = holders.get((s.env_id, s.task_identifier, s.idempotency_key))
+            if holder is None:
+                # Neither the id nor the key is taken now: the row that blocked it
+                # was written and removed in between. Try again later.
+                results.append(
+                    Result(e.run_id, Outcome.RETRY, "conflict vanished", retryable=True)
+                )
+            else:
+                results.append(Result(e.run_id, Outcome.RESOLVED, resolved_run_id=holder))
+    return results
+
+
+async def _write(
+    conn: Conn, sql: str, params: Sequence[Any], entries: Sequence[Entry], check: CommitCheck | None
+) -> list[Result]:
+    async with conn.transaction():
+        await _release_expired(conn, entries)
+        cur = await conn.execute(sql, params)
+        inserted = {r[0] for r in await cur.fetchall()}
+        results = await _resolve_missing(conn, entries, inserted)
+        if check is not None and not check():
+            raise LeaseLost("lease too close to its deadline to commit")
+    return results
+
+
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    return [list(col) for col in zip(*rows, strict=True)]
+
+
+async def _write_failure(
+    conn: Conn, entry: Entry, error: str, check: CommitCheck | None
+) -> Result:
+    """A SYSTEM_FAILURE row from the snapshot; RETRY when Postgres is away."""
+    try:
+        r = (await _write(conn, _ONE_SQL, row_values(entry, error=error), [entry], check))[0]
+    except LeaseLost:
+        raise
+    except Exception as exc:
+        # Never drop a run: whatever stops the failure row, it goes back to the
+        # queue and is dead-lettered (kept, readable) once its attempts run out.
+        return Result(entry.run_id, Outcome.RETRY, _describe(exc), retryable=is_retryable(exc))
+    if r.outcome is Outcome.CREATED:
+        return Result(entry.run_id, Outcome.SYSTEM_FAILURE, error, resolved_run_id=entry.run_id)
+    return r
+
+
+def _describe(exc: BaseException) -> str:
+    state = getattr(exc, "sqlstate", None)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{state}: {text}" if state else f"{type(exc).__name__}: {text}"
+
+
+async def materialize_one(
+    conn: Conn, entry: Entry, *, check: CommitCheck | None = None
+) -> Result:
+    """One run: created, already there, resolved to its key's holder, or a
+    SYSTEM_FAILURE row. Raises on a retryable error (nothing was written)."""
+    try:
+        return (await _write(conn, _ONE_SQL, row_values(entry), [entry], check))[0]
+    except LeaseLost:
+        raise
+    except Exception as exc:
+        if is_retryable(exc):
+            raise
+        return await _write_failure(conn, entry, _describe(exc), check)
+
+
+async def materialize_batch(
+    target: AsyncConnectionPool | Conn,
+    entries: Sequence[Entry],
+    *,
+    check: CommitCheck | None = None,
+) -> list[Result]:
+    """Write a batch in one statement; results in the entries' order.
+
+    Raises a retryable psycopg error (nothing committed) or ``LeaseLost`` (rolled
+    back because ``check()`` said the lease would not last until commit).
+    """
+    if not entries:
+        return []
+    if isinstance(target, AsyncConnectionPool):
+        async with target.connection() as conn:
+            return await materialize_batch(conn, entries, check=check)
+    conn = target
+    now = now_ms()
+    rows = [row_values(e, now=now) for e in entries]
+    try:
+        return await _write(conn, _UNNEST_SQL, _columns(rows), entries, check)
+    except LeaseLost:
+        raise
+    except Exception as exc:
+        if is_retryable(exc):
+            raise
+        if len(entries) == 1:
+            return [await _write_failure(conn, entries[0], _describe(exc), check)]
+    # A non-retryable error in a batch: isolate the rows Postgres refuses.
+    results: list[Result] = []
+    for i, e in enumerate(entries):
+        try:
+            results.append(await materialize_one(conn, e, check=check))
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            text = _describe(exc)
+            results.extend(
+                Result(x.run_id, Outcome.RETRY, text, retryable=True) for x in entries[i:]
+            )
+            break
+    return results
+
+
+# -- reading -------------------------------------------------------------------
+
+_READ_COLS = (
+    "run_id, env_id, status, snapshot, created_at, materialized_at, error, canceled_at, "
+    "cancel_reason, tags, metadata::text, metadata_type, delay_until, idempotency_key, "
+    "idempotency_key_expires_at"
+)
+
+
+def _ms(value: dt.datetime | None) -> int:
+    return int(value.timestamp() * 1000) if value is not None else 0
+
+
+def _row_to_run(row: Sequence[Any]) -> run_pb2.Run:
+    (
+        run_id,
+        env_id,
+        status,
+        snapshot,
+        created_at,
+        materialized_at,
+        error,
+        canceled_at,
+        cancel_reason,
+        tags,
+        metadata,
+        metadata_type,
+        delay_until,
+        idem_key,
+        idem_expires,
+    ) = row
+    snap = run_pb2.RunSnapshot()
+    try:
+        snap.ParseFromString(bytes(snapshot or b""))
+    except DecodeError:
+        snap = run_pb2.RunSnapshot(run_id=run_id, env_id=env_id)
+    # Columns win over the stored snapshot: a mutation applied in Postgres
+    # changes the columns, and the reader must see it.
+    if status != STATUS_SYSTEM_FAILURE:
+        del snap.tags[:]
+        snap.tags.extend(tags or [])
+        if metadata is not None:
+            snap.metadata = metadata.encode()
+            snap.metadata_type = metadata_type or snap.metadata_type
+        else:
+            snap.ClearField("metadata")
+        if delay_until is not None:
+            snap.delay_until.CopyFrom(ts_from_ms(_ms(delay_until)))
+        else:
+            snap.ClearField("delay_until")
+        snap.idempotency_key = idem_key or ""
+        if idem_key and idem_expires is not None:
+            snap.idempotency_key_expires_at.CopyFrom(ts_from_ms(_ms(idem_expires)))
+        else:
+            snap.ClearField("idempotency_key_expires_at")
+    run = run_pb2.Run(
+        run_id=run_id,
+        env_id=env_id,
+        status=_STATUS_TO_PROTO.get(status, run_pb2.RUN_STATUS_UNSPECIFIED),
+        source=run_pb2.RUN_SOURCE_POSTGRES,
+        snapshot=snap,
+        last_error=error or "",
+        cancel_reason=cancel_reason or "",
+    )
+    run.created_at.CopyFrom(ts_from_ms(_ms(created_at)))
+    run.materialized_at.CopyFrom(ts_from_ms(_ms(materialized_at)))
+    if canceled_at is not None:
+        run.canceled_at.CopyFrom(ts_from_ms(_ms(canceled_at)))
+    return run
+
+
+async def read_run(pool: AsyncConnectionPool, env_id: str, run_id: str) -> run_pb2.Run | None:
+    """The materialized run, scoped by env (another env's run is None)."""
+    if not env_id or not run_id:
+        return None
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT {_READ_COLS} FROM mollifier.runs WHERE run_id = %s AND env_id = %s",
+            (run_id, env_id),
+        )
+        row = await cur.fetchone()
+    return _row_to_run(row) if row is not None else None
+
+
+async def read_run_by_idempotency_key(
+    pool: AsyncConnectionPool, env_id: str, task: str, key: str
+) -> run_pb2.Run | None:
+    """The run a live key is bound to in Postgres; an expired binding finds nothing."""
+    if not env_id or not task or not key:
+        return None
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT {_READ_COLS} FROM mollifier.runs WHERE env_id = %s AND task_identifier = %s "
+            "AND idempotency_key = %s "
+            "AND (idempotency_key_expires_at IS NULL OR idempotency_key_expires_at > now())",
+            (env_id, task, key),
+        )
+        row = await cur.fetchone()
+    return _row_to_run(row) if row is not None else None
