@@ -20,11 +20,10 @@ from typing import Any
 
 import grpc
 import pytest
-from mollifier_client.v1 import buffer_pb2_grpc, drain_pb2_grpc, gate_pb2_grpc, mutate_pb2_grpc
-
 from mollifier.app import App
 from mollifier.config import Settings
 from mollifier.server import Sidecar, start_server
+from mollifier_client.v1 import buffer_pb2_grpc, drain_pb2_grpc, gate_pb2_grpc, mutate_pb2_grpc
 
 __all__ = ["LiveSidecar", "Stubs"]
 
@@ -69,7 +68,7 @@ async def sidecar(app: App) -> AsyncIterator[LiveSidecar]:
     server = await start_server(app, "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(server.address)
     yield LiveSidecar(server=server, channel=channel)
-    await channel.close()
+    await channel.close(None)
     await server.stop(0)
 
 
