@@ -45,7 +45,8 @@ local function gate_window(gateKey, policyKey, now, defThreshold, defWindow, def
     -- An idle env's gate state goes away by itself.
     rcall("PEXPIRE", gateKey, math.max(2 * window, tu - now) + 1000)
   end
-  local tripped = tu > now
+  -- Over the threshold means tripped even with a zero hold (tu == now).
+  local tripped = tu > now or (count and windowCount > threshold)
   if not tripped then tu = 0 end
   return windowCount, threshold, tu, tripped
 end
