@@ -1,0 +1,225 @@
+"""Gate benchmark: Evaluate decisions per second beside a bare grpc.aio echo server.
+
+    .venv/bin/python bench/gate.py [--calls 20000] [--inflight 8 64]
+
+Starts its own redis-server, an in-process sidecar (gate only: no Postgres) and
+a bare grpc.aio echo server in this process, then drives each from a separate
+client process so the client's CPU does not share the servers' event loop.
+Both are sent the same pre-serialized EvaluateRequest bytes, so the client does
+the same work for each and the difference is the sidecar's own cost (decoding,
+validation, one Lua call to Redis, encoding). Every Evaluate is under the
+threshold with the org flag on, i.e. the full cascade and the trip evaluator run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+EVALUATE = "/mollifier.v1.GateService/Evaluate"
+ECHO = "/bench.Echo/Echo"
+ENVS = 16
+
+
+def _requests() -> list[bytes]:
+    from mollifier_client.v1 import gate_pb2
+
+    return [
+        gate_pb2.EvaluateRequest(
+            env_id=f"env_bench_{i}",
+            org_id="org_bench",
+            task_identifier="bench-task",
+            org_feature_flags={"mollifierEnabled": True},
+        ).SerializeToString()
+        for i in range(ENVS)
+    ]
+
+
+# ---------------------------------------------------------------- client side
+
+
+async def _drive(
+    address: str, method: str, inflight: int, calls: int, warmup: int
+) -> dict[str, Any]:
+    import grpc
+
+    requests = _requests()
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        # Bytes in, bytes out: no client-side codec, the same work for both servers.
+        call = channel.unary_unary(method, None, None)
+
+        async def worker(n: int, record: bool, offset: int) -> None:
+            for i in range(n):
+                body = requests[(offset + i) % len(requests)]
+                t0 = time.perf_counter()
+                await call(body, timeout=10)
+                if record:
+                    latencies.append(time.perf_counter() - t0)
+
+        per = max(1, warmup // inflight)
+        await asyncio.gather(*(worker(per, False, w) for w in range(inflight)))
+        per = calls // inflight
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(per, True, w) for w in range(inflight)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    n = len(latencies)
+    return {
+        "calls": n,
+        "seconds": elapsed,
+        "per_sec": n / elapsed,
+        "p50_ms": latencies[n // 2] * 1000,
+        "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000,
+    }
+
+
+def client_main(args: argparse.Namespace) -> None:
+    result = _run(_drive(args.address, args.method, args.inflight, args.calls, args.warmup))
+    print(json.dumps(result))
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+# ---------------------------------------------------------------- server side
+
+
+async def _echo_server() -> tuple[Any, int]:
+    import grpc
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+async def _measure(address: str, method: str, inflight: int, calls: int) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--client",
+        "--address", address,
+        "--method", method,
+        "--inflight", str(inflight),
+        "--calls", str(calls),
+        "--warmup", str(min(2000, calls // 5)),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"client failed for {method} at {inflight} in flight")
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+async def bench(calls: int, inflights: list[int]) -> list[dict[str, Any]]:
+    from mollifier.app import App
+    from mollifier.config import Settings
+    from mollifier.devstack import RedisProcess
+    from mollifier.server import start_server
+
+    folder = Path(tempfile.mkdtemp(prefix="mollifier-bench-"))
+    redis = RedisProcess(folder)
+    redis.start()
+    rows: list[dict[str, Any]] = []
+    try:
+        settings = Settings.from_env(
+            {},
+            redis_url=redis.url,
+            database_url="",
+            drain_enabled=False,
+            # Far above what the run sends: every call takes the full cascade and
+            # the Lua trip evaluator, and answers PASS_THROUGH / UNDER_THRESHOLD.
+            trip_threshold=1_000_000_000,
+            log_level="WARNING",
+        )
+        app = await App.connect(settings, start_background=False)
+        sidecar = await start_server(app, "127.0.0.1:0")
+        echo, echo_port = await _echo_server()
+        try:
+            for inflight in inflights:
+                e = await _measure(f"127.0.0.1:{echo_port}", ECHO, inflight, calls)
+                g = await _measure(sidecar.address, EVALUATE, inflight, calls)
+                rows.append({"inflight": inflight, "echo": e, "evaluate": g})
+        finally:
+            await sidecar.stop(0)
+            await echo.stop(0)
+            await app.close()
+    finally:
+        redis.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def report(rows: list[dict[str, Any]], calls: int) -> str:
+    lines = [
+        f"Gate benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
+        f"{calls} calls per measurement",
+        "",
+        "| in flight | server | calls/s | p50 ms | p99 ms |",
+        "| ---: | --- | ---: | ---: | ---: |",
+    ]
+    ratios = []
+    for row in rows:
+        for kind in ("echo", "evaluate"):
+            r = row[kind]
+            name = "bare grpc.aio echo" if kind == "echo" else "GateService/Evaluate"
+            lines.append(
+                f"| {row['inflight']} | {name} | {r['per_sec']:,.0f} | "
+                f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
+            )
+        thr = row["evaluate"]["per_sec"] / row["echo"]["per_sec"]
+        p99 = row["evaluate"]["p99_ms"] / row["echo"]["p99_ms"]
+        ok = "meets" if thr >= 0.6 and p99 <= 2.0 else "MISSES"
+        ratios.append(
+            f"- {row['inflight']} in flight: Evaluate runs at {thr:.0%} of the echo's "
+            f"throughput, p99 {p99:.2f}x the echo's ({ok} the target: >=60%, <=2x)"
+        )
+    return "\n".join([*lines, "", *ratios])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=20_000, help="calls per measurement")
+    parser.add_argument("--inflight", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--address", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=2000, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        args.inflight = args.inflight[0]
+        client_main(args)
+        return
+    # The servers start clients with asyncio subprocesses; gRPC's fork handlers
+    # only log noise about that, since the children exec a fresh interpreter.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    rows = _run(bench(args.calls, args.inflight))
+    print(report(rows, args.calls))
+
+
+if __name__ == "__main__":
+    main()
