@@ -12,6 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 from .buffer import Buffer
 from .config import Settings
 from .connections import make_pool, make_redis
+from .drainer import Drainer
 from .gate import Gate
 from .scripts import Scripts, load_scripts
 
@@ -41,6 +42,9 @@ class App:
         self.scripts = scripts
         self.buffer = Buffer(settings, redis, scripts, pool)
         self.gate = Gate(settings, redis, scripts, self.buffer)
+        # Always made (DrainService's Lease/Ack/status use it); its loop only
+        # runs when the built-in sink is on and Postgres is configured.
+        self.drainer = Drainer(settings, redis, scripts, pool)
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
@@ -74,8 +78,15 @@ class App:
     async def start_background(self) -> None:
         """Start the background loops (total-depth refresh, drainer)."""
         self._tasks.append(asyncio.create_task(self.buffer.refresh_total_loop()))
+        if self.drainer.enabled:
+            self.drainer.start()
 
-    async def close(self) -> None:
+    async def close(self, grace: float | None = None) -> None:
+        """Stop the drainer (in-flight batches get ``grace`` seconds), then the rest."""
+        if grace is None:
+            grace = self.settings.shutdown_grace_ms / 1000
+        with contextlib.suppress(Exception):
+            await self.drainer.stop(grace)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -324,9 +324,7 @@ async def _resolve_missing(
             if holder is None:
                 # Neither the id nor the key is taken now: the row that blocked it
                 # was written and removed in between. Try again later.
-                results.append(
-                    Result(e.run_id, Outcome.RETRY, "conflict vanished", retryable=True)
-                )
+                results.append(Result(e.run_id, Outcome.RETRY, "conflict vanished", retryable=True))
             else:
                 results.append(Result(e.run_id, Outcome.RESOLVED, resolved_run_id=holder))
     return results
@@ -349,9 +347,7 @@ def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)]
 
 
-async def _write_failure(
-    conn: Conn, entry: Entry, error: str, check: CommitCheck | None
-) -> Result:
+async def _write_failure(conn: Conn, entry: Entry, error: str, check: CommitCheck | None) -> Result:
     """A SYSTEM_FAILURE row from the snapshot; RETRY when Postgres is away."""
     try:
         r = (await _write(conn, _ONE_SQL, row_values(entry, error=error), [entry], check))[0]
@@ -372,9 +368,7 @@ def _describe(exc: BaseException) -> str:
     return f"{state}: {text}" if state else f"{type(exc).__name__}: {text}"
 
 
-async def materialize_one(
-    conn: Conn, entry: Entry, *, check: CommitCheck | None = None
-) -> Result:
+async def materialize_one(conn: Conn, entry: Entry, *, check: CommitCheck | None = None) -> Result:
     """One run: created, already there, resolved to its key's holder, or a
     SYSTEM_FAILURE row. Raises on a retryable error (nothing was written)."""
     try:
