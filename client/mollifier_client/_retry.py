@@ -1,0 +1,89 @@
+"""Retry policy and the bookkeeping of one call's attempts.
+
+Only failures that are safe to repeat are retried: ``UNAVAILABLE`` always (the
+request did not run, or it is idempotent: Trigger and Accept carry a run id
+the client fills in), and ``DEADLINE_EXCEEDED`` only for calls that carry a
+``request_id`` (the MutateService calls and RetryFailed), which the server
+applies once. Every attempt and every pause fits inside the call's overall
+deadline.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import grpc
+from mollifier_client._errors import MollifierError
+
+__all__ = ["RetryPolicy"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a call is retried after a retryable failure.
+
+    Attributes:
+        max_attempts: Attempts in all, the first included; 1 disables retries.
+        initial_backoff: Upper bound of the first pause, in seconds.
+        max_backoff: Upper bound of any pause, in seconds.
+        multiplier: Growth of the bound from one pause to the next.
+
+    Pauses are drawn uniformly between 0 and the bound ("full jitter"); a
+    ``RetryInfo`` delay sent by the server is honoured as a minimum. A retry
+    is skipped, and the last error raised, when the pause would not leave
+    time for another attempt before the call's deadline.
+    """
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.05
+    max_backoff: float = 1.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
+            raise ValueError("backoffs must be >= 0 and multiplier >= 1")
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+# Leave at least this much of the deadline for an attempt after a pause.
+_MIN_ATTEMPT = 0.005
+
+
+class Attempts:
+    """The attempts of one call: per-attempt timeouts and pauses between them."""
+
+    def __init__(self, policy: RetryPolicy, timeout: float | None, *, retry_deadline: bool) -> None:
+        self._policy = policy
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._retry_deadline = retry_deadline
+        self._attempt = 0
+
+    def timeout(self) -> float | None:
+        """The time left for the next attempt (None: no deadline)."""
+        self._attempt += 1
+        if self._deadline is None:
+            return None
+        return max(self._deadline - time.monotonic(), 0.0)
+
+    def pause(self, err: MollifierError) -> float | None:
+        """Seconds to wait before retrying after ``err``, or None to give up."""
+        if self._attempt >= self._policy.max_attempts:
+            return None
+        retryable = err.code is grpc.StatusCode.UNAVAILABLE or (
+            err.code is grpc.StatusCode.DEADLINE_EXCEEDED and self._retry_deadline
+        )
+        if not retryable:
+            return None
+        p = self._policy
+        bound = min(p.max_backoff, p.initial_backoff * p.multiplier ** (self._attempt - 1))
+        delay = random.uniform(0.0, bound)
+        if err.retry_after is not None:
+            delay = max(delay, err.retry_after)
+        if self._deadline is not None and time.monotonic() + delay + _MIN_ATTEMPT >= self._deadline:
+            return None
+        return delay
