@@ -1,0 +1,153 @@
+"""The materializer against a real Postgres: rows, statuses, conflicts, failures."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+
+import pytest
+from mollifier_client.v1 import run_pb2
+from psycopg_pool import AsyncConnectionPool
+
+from mollifier.codec import now_ms, ts_from_ms
+from mollifier.materializer import (
+    Entry,
+    Outcome,
+    is_retryable,
+    materialize_batch,
+    read_run,
+    read_run_by_idempotency_key,
+)
+from mollifier.migrations import migrate
+
+_ids = itertools.count(1)
+
+
+def snap(env: str = "env_a", **fields: object) -> run_pb2.RunSnapshot:
+    s = run_pb2.RunSnapshot(
+        run_id=f"run_m{next(_ids)}",
+        env_id=env,
+        org_id="org_a",
+        task_identifier="task-1",
+        payload=b'{"n":1}',
+        payload_type="application/json",
+        tags=["a", "b c", 'q"uote'],
+        metadata=b'{"k":[1,2]}',
+        metadata_type="application/json",
+        queue="q1",
+        batch_id="batch_1",
+        batch_index=3,
+        trace_id="abcd",
+        span_id="ef01",
+        max_attempts=3,
+        priority=2,
+        extra={"x": "y"},
+    )
+    for k, v in fields.items():
+        if hasattr(v, "DESCRIPTOR"):
+            getattr(s, k).CopyFrom(v)
+        else:
+            setattr(s, k, v)
+    return s
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
+    p = AsyncConnectionPool(database_url, min_size=1, max_size=4, open=False,
+                            kwargs={"autocommit": True})  # fmt: skip
+    await p.open(wait=True)
+    await migrate(p)
+    yield p
+    await p.close()
+
+
+async def test_batch_writes_rows_and_is_idempotent(pool: AsyncConnectionPool) -> None:
+    entries = [Entry.from_snapshot(snap()) for _ in range(20)]
+    first = await materialize_batch(pool, entries)
+    assert [r.outcome for r in first] == [Outcome.CREATED] * 20
+    again = await materialize_batch(pool, entries)
+    assert [r.outcome for r in again] == [Outcome.EXISTS] * 20
+    run = await read_run(pool, "env_a", entries[0].run_id)
+    assert run is not None
+    assert run.source == run_pb2.RUN_SOURCE_POSTGRES
+    assert run.status == run_pb2.RUN_STATUS_PENDING
+    assert list(run.snapshot.tags) == ["a", "b c", 'q"uote']
+    assert run.snapshot.batch_id == "batch_1" and run.snapshot.batch_index == 3
+    assert run.snapshot.extra["x"] == "y"
+    assert await read_run(pool, "env_other", entries[0].run_id) is None
+
+
+async def test_statuses(pool: AsyncConnectionPool) -> None:
+    delayed = Entry.from_snapshot(snap(delay_until=ts_from_ms(now_ms() + 3_600_000)))
+    past = Entry.from_snapshot(snap(delay_until=ts_from_ms(now_ms() - 1000)))
+    cancelled = Entry.from_snapshot(snap())
+    cancelled.canceled_ms, cancelled.cancel_reason = now_ms(), "user asked"
+    await materialize_batch(pool, [delayed, past, cancelled])
+    got = {e.run_id: await read_run(pool, "env_a", e.run_id) for e in (delayed, past, cancelled)}
+    assert got[delayed.run_id].status == run_pb2.RUN_STATUS_DELAYED  # type: ignore[union-attr]
+    assert got[past.run_id].status == run_pb2.RUN_STATUS_PENDING  # type: ignore[union-attr]
+    c = got[cancelled.run_id]
+    assert c is not None and c.status == run_pb2.RUN_STATUS_CANCELED
+    assert c.cancel_reason == "user asked" and c.HasField("canceled_at")
+
+
+async def test_idempotency_key_bound_to_another_run_resolves(pool: AsyncConnectionPool) -> None:
+    first = Entry.from_snapshot(snap(idempotency_key="k1"))
+    await materialize_batch(pool, [first])
+    second = Entry.from_snapshot(snap(idempotency_key="k1"))
+    other_env = Entry.from_snapshot(snap(env="env_b", idempotency_key="k1"))
+    results = await materialize_batch(pool, [second, other_env])
+    assert results[0].outcome is Outcome.RESOLVED
+    assert results[0].resolved_run_id == first.run_id
+    assert results[1].outcome is Outcome.CREATED
+    assert await read_run(pool, "env_a", second.run_id) is None
+    found = await read_run_by_idempotency_key(pool, "env_a", "task-1", "k1")
+    assert found is not None and found.run_id == first.run_id
+
+
+async def test_expired_key_is_free_again(pool: AsyncConnectionPool) -> None:
+    old = Entry.from_snapshot(
+        snap(idempotency_key="k2", idempotency_key_expires_at=ts_from_ms(now_ms() - 1000))
+    )
+    await materialize_batch(pool, [old])
+    assert await read_run_by_idempotency_key(pool, "env_a", "task-1", "k2") is None
+    new = Entry.from_snapshot(snap(idempotency_key="k2"))
+    assert (await materialize_batch(pool, [new]))[0].outcome is Outcome.CREATED
+    found = await read_run_by_idempotency_key(pool, "env_a", "task-1", "k2")
+    assert found is not None and found.run_id == new.run_id
+
+
+async def test_rejected_row_becomes_system_failure(pool: AsyncConnectionPool) -> None:
+    # Valid JSON to Python (and to the sidecar's validation) but jsonb refuses
+    # \u0000: an honest non-retryable error from Postgres itself.
+    bad = Entry.from_snapshot(snap(metadata=b'{"k":"\\u0000"}'))
+    good = [Entry.from_snapshot(snap()) for _ in range(3)]
+    results = await materialize_batch(pool, [good[0], bad, good[1], good[2]])
+    assert [r.outcome for r in results] == [
+        Outcome.CREATED,
+        Outcome.SYSTEM_FAILURE,
+        Outcome.CREATED,
+        Outcome.CREATED,
+    ]
+    assert "22P05" in results[1].error
+    row = await read_run(pool, "env_a", bad.run_id)
+    assert row is not None and row.status == run_pb2.RUN_STATUS_SYSTEM_FAILURE
+    assert row.last_error and row.snapshot.batch_id == "batch_1"
+    assert row.snapshot.metadata == b'{"k":"\\u0000"}'  # the snapshot is kept whole
+
+
+def test_retryable_classification() -> None:
+    import psycopg
+
+    assert is_retryable(psycopg.OperationalError("connection refused"))
+    assert not is_retryable(ValueError("x"))
+
+    class Fake(psycopg.errors.DeadlockDetected):
+        pass
+
+    assert is_retryable(psycopg.errors.DeadlockDetected())
+    assert is_retryable(psycopg.errors.SerializationFailure())
+    assert is_retryable(psycopg.errors.AdminShutdown())
+    assert is_retryable(psycopg.errors.TooManyConnections())
+    assert not is_retryable(psycopg.errors.CheckViolation())
+    assert not is_retryable(psycopg.errors.UntranslatableCharacter())
