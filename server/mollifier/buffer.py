@@ -118,8 +118,10 @@ class Buffer:
             idem_key = k.idem(snap.task_identifier, snap.idempotency_key)
         else:
             idem, idem_key = "", k.idem_prefix
+        # 0 tells the script "no expiry", so an expiry set at the epoch itself
+        # (long past) must not read as 0: it binds nothing, like any past expiry.
         expires = (
-            ms_from_ts(snap.idempotency_key_expires_at)
+            max(1, ms_from_ts(snap.idempotency_key_expires_at))
             if snap.HasField("idempotency_key_expires_at")
             else 0
         )

@@ -92,8 +92,14 @@ def entry_to_run(
     s, st, ca, at, le, cx, cr, du, _v = fields
     snap = decode_snapshot(env_id, run_id, s if isinstance(s, bytes) else None)
     state = _text(st)
-    canceled_at = _int(cx)
-    delay_until = _int(du)
+    try:
+        canceled_at, delay_until = _int(cx), _int(du)
+        created_at, attempts = _int(ca), _int(at)
+    except ValueError:
+        raise DamagedEntry(
+            f"buffered run {run_id} has a field that is not a number",
+            metadata={"run_id": run_id},
+        ) from None
     if state == "D":
         status = run_pb2.RUN_STATUS_DRAINING
     elif state == "F":
@@ -115,12 +121,12 @@ def entry_to_run(
         status=status,
         source=run_pb2.RUN_SOURCE_BUFFER,
         snapshot=snap,
-        attempts=_int(at),
+        attempts=attempts,
         last_error=_text(le),
         cancel_reason=_text(cr),
     )
-    if ca:
-        run.created_at.CopyFrom(ts_from_ms(_int(ca)))
+    if created_at:
+        run.created_at.CopyFrom(ts_from_ms(created_at))
     if canceled_at:
         run.canceled_at.CopyFrom(ts_from_ms(canceled_at))
     return run
