@@ -6,9 +6,6 @@ import itertools
 from collections.abc import AsyncIterator
 
 import pytest
-from mollifier_client.v1 import run_pb2
-from psycopg_pool import AsyncConnectionPool
-
 from mollifier.codec import now_ms, ts_from_ms
 from mollifier.materializer import (
     Entry,
@@ -19,6 +16,8 @@ from mollifier.materializer import (
     read_run_by_idempotency_key,
 )
 from mollifier.migrations import migrate
+from mollifier_client.v1 import run_pb2
+from psycopg_pool import AsyncConnectionPool
 
 _ids = itertools.count(1)
 

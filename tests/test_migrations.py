@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
-
 from mollifier.migrations import migrate, migration_files
+from psycopg_pool import AsyncConnectionPool
 
 
 async def _pool(url: str) -> AsyncConnectionPool:

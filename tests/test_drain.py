@@ -1,0 +1,343 @@
+"""The drainer against real Redis and Postgres: fairness, exactly once, failures,
+external leases, pause and status."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import pytest
+from mollifier.app import App
+from mollifier.codec import now_ms
+from mollifier.config import Settings
+from mollifier.drainer import Drainer
+from mollifier.errors import InvalidArgument
+from mollifier.keys import DRAIN_PAUSED, INDEX_ORGS, env_keys, org_envs_key
+from mollifier.materializer import Entry, materialize_batch
+from mollifier_client.v1 import drain_pb2, run_pb2
+
+_ids = itertools.count(1)
+
+
+def snap(env: str, org: str, **fields: Any) -> run_pb2.RunSnapshot:
+    s = run_pb2.RunSnapshot(
+        run_id=f"run_d{next(_ids)}",
+        env_id=env,
+        org_id=org,
+        task_identifier="task-1",
+        payload=b"{}",
+        payload_type="application/json",
+        tags=["t"],
+    )
+    for k, v in fields.items():
+        setattr(s, k, v)
+    return s
+
+
+async def fill(app: App, snaps: Iterable[run_pb2.RunSnapshot]) -> list[str]:
+    ids: list[str] = []
+    pending: list[Any] = []
+    for s in snaps:
+        ids.append(s.run_id)
+        pending.append(app.buffer.accept(s))
+        if len(pending) >= 200:
+            await asyncio.gather(*pending)
+            pending = []
+    await asyncio.gather(*pending)
+    return ids
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[App]:
+    a = await App.connect(settings, start_background=False)
+    yield a
+    await a.close(grace=1)
+
+
+def drainer(app: App, **changes: Any) -> Drainer:
+    s = app.settings.replace(drain_enabled=True, **changes)
+    return Drainer(s, app.redis, app.scripts, app.pool)
+
+
+async def pg_rows(app: App, where: str = "true", params: tuple[Any, ...] = ()) -> list[Any]:
+    assert app.pool is not None
+    async with app.pool.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT run_id, env_id, org_id, status FROM mollifier.runs WHERE {where}", params
+        )
+        return list(await cur.fetchall())
+
+
+async def buffered(app: App, env: str) -> int:
+    k = env_keys(env)
+    total = 0
+    for key in (k.queue, k.lease, k.retry, k.failed):
+        total += int(await app.redis.zcard(key))
+    return total
+
+
+async def drain_until_empty(d: Drainer, limit: int = 500) -> int:
+    ticks = 0
+    idle = 0
+    while ticks < limit:
+        ticks += 1
+        if await d.tick() == 0:
+            idle += 1
+            if idle >= 2:
+                return ticks
+        else:
+            idle = 0
+    raise AssertionError("buffer did not empty")
+
+
+async def test_drains_everything_and_get_run_switches_source(app: App) -> None:
+    ids = await fill(app, (snap(f"env_{i % 3}", "org_1") for i in range(90)))
+    before = await app.buffer.get_run("env_0", ids[0])
+    assert before.source == run_pb2.RUN_SOURCE_BUFFER
+    d = drainer(app, drain_batch_size=25)
+    await drain_until_empty(d)
+    assert len(await pg_rows(app)) == 90
+    assert d.materialized_total == 90
+    after = await app.buffer.get_run("env_0", ids[0])
+    assert after.source == run_pb2.RUN_SOURCE_POSTGRES
+    assert after.status == run_pb2.RUN_STATUS_PENDING
+    for env in ("env_0", "env_1", "env_2"):
+        assert await buffered(app, env) == 0
+    # Drained envs leave the index, and the empty org with them.
+    assert await app.redis.smembers(org_envs_key("org_1")) == set()
+    assert await app.redis.smembers(INDEX_ORGS) == set()
+    assert await app.redis.keys("mf:{env_0}:run:*") == []
+
+
+async def test_heavy_org_and_light_org_drain_one_to_one(app: App) -> None:
+    heavy = [snap(f"heavy_{i % 6}", "org_heavy") for i in range(1200)]
+    light = [snap("light_0", "org_light") for _ in range(600)]
+    await fill(app, heavy + light)
+    d = drainer(app, drain_batch_size=10, drain_concurrency=2)
+    for _ in range(20):
+        await d.tick()
+    rows = await pg_rows(app)
+    per_org = {"org_heavy": 0, "org_light": 0}
+    for _, _, org, _ in rows:
+        per_org[org] += 1
+    assert per_org["org_light"] > 0
+    ratio = per_org["org_heavy"] / per_org["org_light"]
+    assert 0.7 <= ratio <= 1.5, per_org
+
+
+async def test_light_env_is_not_starved(app: App) -> None:
+    await fill(app, (snap(f"busy_{i % 5}", "org_x") for i in range(5 * 600)))
+    (light_id,) = await fill(app, [snap("quiet", "org_x")])
+    d = drainer(app, drain_batch_size=50, drain_concurrency=1)
+    for _ in range(6):  # one visit per env in the org: six envs, six ticks
+        await d.tick()
+    assert [r[0] for r in await pg_rows(app, "env_id = 'quiet'")] == [light_id]
+    assert await buffered(app, "quiet") == 0
+    assert await buffered(app, "busy_0") > 0
+
+
+async def test_runs_already_in_postgres_are_not_duplicated(app: App) -> None:
+    snaps = [snap("env_dup", "org_1") for _ in range(30)]
+    assert app.pool is not None
+    # Committed by a drainer that died before its ack: the rows exist already.
+    await materialize_batch(app.pool, [Entry.from_snapshot(s) for s in snaps[:20]])
+    await fill(app, snaps)
+    d = drainer(app, drain_batch_size=7)
+    await drain_until_empty(d)
+    assert len(await pg_rows(app, "env_id = 'env_dup'")) == 30
+    assert d.materialized_total == 10
+    assert await buffered(app, "env_dup") == 0
+
+
+async def test_non_retryable_error_writes_system_failure(app: App) -> None:
+    bad = snap("env_bad", "org_1", metadata=b'{"x":"\\u0000"}')
+    good = [snap("env_bad", "org_1") for _ in range(5)]
+    await fill(app, [*good[:2], bad, *good[2:]])
+    d = drainer(app)
+    await drain_until_empty(d)
+    rows = {r[0]: r[3] for r in await pg_rows(app, "env_id = 'env_bad'")}
+    assert rows[bad.run_id] == "SYSTEM_FAILURE"
+    assert all(rows[g.run_id] == "PENDING" for g in good)
+    assert d.failed_total == 1 and d.materialized_total == 5
+    run = await app.buffer.get_run("env_bad", bad.run_id)
+    assert run.status == run_pb2.RUN_STATUS_SYSTEM_FAILURE and "22P05" in run.last_error
+    assert await buffered(app, "env_bad") == 0
+
+
+async def test_cancelled_and_batch_fields_carried(app: App) -> None:
+    s = snap("env_c", "org_1", batch_id="batch_9", batch_index=4)
+    await fill(app, [s])
+    # Cancelled while buffered (what MutateService's cancel does to the entry).
+    await app.redis.hset(env_keys("env_c").run(s.run_id), mapping={"cx": now_ms(), "cr": "nope"})
+    await drain_until_empty(drainer(app))
+    run = await app.buffer.get_run("env_c", s.run_id)
+    assert run.status == run_pb2.RUN_STATUS_CANCELED and run.cancel_reason == "nope"
+    assert run.snapshot.batch_id == "batch_9" and run.snapshot.batch_index == 4
+
+
+async def test_idempotency_binding_outlives_the_buffer(app: App) -> None:
+    s = snap("env_i", "org_1", idempotency_key="key-1")
+    await fill(app, [s])
+    await drain_until_empty(drainer(app))
+    binding = env_keys("env_i").idem("task-1", "key-1")
+    assert (await app.redis.get(binding)) == s.run_id.encode()
+    ttl = await app.redis.pttl(binding)
+    assert 0 < ttl <= app.settings.idempotency_ttl_ms
+    again = await app.buffer.accept(snap("env_i", "org_1", idempotency_key="key-1"))
+    assert again.existing_run_id == s.run_id
+    found = await app.buffer.find_by_idempotency_key("env_i", "task-1", "key-1")
+    assert found.source == run_pb2.RUN_SOURCE_POSTGRES
+
+
+async def test_external_lease_expires_and_is_delivered_again(app: App) -> None:
+    ids = await fill(app, (snap("env_ext", "org_1") for _ in range(5)))
+    d = drainer(app, drain_sink="external")
+    assert not d.enabled
+    token1, deadline, runs = await d.lease_external("c1", 10, 300)
+    assert sorted(r.run_id for r in runs) == sorted(ids)
+    assert all(r.status == run_pb2.RUN_STATUS_DRAINING and r.attempts == 1 for r in runs)
+    assert deadline > now_ms()
+    # Held: nobody else gets them.
+    _, _, none = await d.lease_external("c2", 10, 300)
+    assert none == []
+    await asyncio.sleep(0.4)
+    token2, _, again = await d.lease_external("c2", 10, 5000)
+    assert sorted(r.run_id for r in again) == sorted(ids)
+    assert [r.run_id for r in again] == ids  # back at the head, in arrival order
+    # The first holder's late ack changes nothing.
+    acked, rejected = await d.ack_external(token1, [("env_ext", i) for i in ids])
+    assert acked == 0 and len(rejected) == 5
+    assert await buffered(app, "env_ext") == 5
+    run = await app.buffer.get_run("env_ext", ids[0])
+    assert run.status == run_pb2.RUN_STATUS_DRAINING
+    acked, rejected = await d.ack_external(token2, [("env_ext", i) for i in ids])
+    assert acked == 5 and rejected == []
+    assert await buffered(app, "env_ext") == 0
+
+
+async def test_nack_backoff_dead_letter_list_and_retry(app: App) -> None:
+    ids = await fill(app, (snap("env_n", "org_1") for _ in range(3)))
+    d = drainer(app, drain_sink="external", drain_max_attempts=2)
+    token, _, runs = await d.lease_external("c", 10, 5000)
+    requeued, dead, rejected = await d.nack_external(
+        token, [("env_n", r.run_id) for r in runs], retry_after_ms=300, error="busy"
+    )
+    assert (requeued, dead, rejected) == (3, 0, [])
+    _, _, early = await d.lease_external("c", 10, 5000)
+    assert early == []  # not before its backoff ends
+    await asyncio.sleep(0.35)
+    token, _, runs = await d.lease_external("c", 10, 5000)
+    assert [r.run_id for r in runs] == ids and runs[0].last_error == "busy"
+    # Second attempt of two: a nack dead-letters.
+    requeued, dead, _ = await d.nack_external(token, [("env_n", r.run_id) for r in runs])
+    assert (requeued, dead) == (0, 3)
+    page, next_token = await d.list_failed("env_n", page_size=2)
+    assert [r.run_id for r in page] == ids[:2] and next_token
+    assert all(r.status == run_pb2.RUN_STATUS_FAILED for r in page)
+    rest, last = await d.list_failed("env_n", page_size=2, page_token=next_token)
+    assert [r.run_id for r in rest] == ids[2:] and last == ""
+    assert (await app.buffer.get_run("env_n", ids[0])).status == run_pb2.RUN_STATUS_FAILED
+    assert await d.retry_failed("env_n", [ids[0]], request_id="r1") == 1
+    assert await d.retry_failed("env_n", [ids[0]], request_id="r1") == 1  # applied once
+    assert await d.retry_failed("env_n") == 2
+    token, _, runs = await d.lease_external("c", 10, 5000)
+    assert [r.run_id for r in runs] == ids and runs[0].attempts == 1
+    with pytest.raises(InvalidArgument):
+        await d.list_failed("")
+
+
+async def test_retryable_failures_dead_letter_after_max_attempts(app: App) -> None:
+    ids = await fill(app, (snap("env_r", "org_1") for _ in range(2)))
+    d = drainer(app, drain_max_attempts=2, drain_backoff_ms=1)
+    # The drainer's reaction to a retryable error is a nack with backoff; a
+    # real outage is in test_drain_faults.py.
+    token = "t"
+    for attempt in range(2):
+        batch = await d.lease_env("env_r", 10, 5000, token)
+        assert [r.run_id for r in batch.runs] == ids and batch.runs[0].attempts == attempt + 1
+        await d.nack_env("env_r", token, ids, error="57P01: terminating")
+        await asyncio.sleep(0.01)
+    failed, _ = await d.list_failed("env_r")
+    assert [r.run_id for r in failed] == ids and failed[0].last_error.startswith("57P01")
+    assert d.dead_lettered_total == 2
+
+
+async def test_pause_is_shared_and_status_reports(app: App) -> None:
+    await fill(app, (snap(f"env_s{i % 2}", "org_s") for i in range(10)))
+    a, b = drainer(app), drainer(app)
+    assert await a.pause("maintenance") == drain_pb2.DRAIN_STATE_PAUSED
+    assert await app.redis.get(DRAIN_PAUSED) == b"maintenance"
+    assert await b.tick() == 0
+    status = await b.status()
+    assert status.state == drain_pb2.DRAIN_STATE_PAUSED
+    (org,) = status.orgs
+    assert org.org_id == "org_s" and org.queued == 10 and len(org.envs) == 2
+    assert await b.resume() == drain_pb2.DRAIN_STATE_RUNNING
+    await drain_until_empty(b)
+    assert len(await pg_rows(app)) == 10
+    status = await b.status()
+    assert status.materialized_total == 10 and status.orgs == []
+    off = Drainer(app.settings, app.redis, app.scripts, app.pool)
+    assert (await off.status()).state == drain_pb2.DRAIN_STATE_DISABLED
+
+
+async def test_stale_sweep_and_index_repair(app: App) -> None:
+    await fill(app, (snap("env_old", "org_o") for _ in range(4)))
+    d = drainer(app, stale_after_ms=1000)
+    assert await d.sweep_stale() == 0
+    # Age the entries: move their scores an hour back.
+    k = env_keys("env_old")
+    members = await app.redis.zrange(k.queue, 0, -1, withscores=True)
+    await app.redis.zadd(k.queue, {m: s - 3_600_000_000 for m, s in members})
+    assert await d.sweep_stale() == 4
+    # The index lost the env (e.g. a cluster write that never happened).
+    await app.redis.delete(org_envs_key("org_o"), INDEX_ORGS)
+    assert await d.tick() == 0
+    assert await d.repair_index() == 1
+    await drain_until_empty(d)
+    assert len(await pg_rows(app, "env_id = 'env_old'")) == 4
+    assert await d.sweep_stale() == 0
+
+
+async def test_loop_runs_and_stops_gracefully(app: App) -> None:
+    await fill(app, (snap(f"env_l{i % 4}", "org_l") for i in range(400)))
+    d = drainer(app, drain_batch_size=20, drain_idle_ms=10)
+    d.start()
+    d.start()  # idempotent
+    deadline = asyncio.get_running_loop().time() + 20
+    while len(await pg_rows(app)) < 400:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    await d.stop(2)
+    await d.stop(2)
+    assert not d.running
+    assert d.materialized_total == 400
+
+
+async def test_concurrent_drainers_create_each_run_once(app: App) -> None:
+    await fill(app, (snap(f"env_m{i % 3}", f"org_m{i % 2}") for i in range(1500)))
+    ds = [drainer(app, drain_batch_size=15, drain_idle_ms=5) for _ in range(3)]
+    for d in ds:
+        d.start()
+    deadline = asyncio.get_running_loop().time() + 30
+    while len(await pg_rows(app)) < 1500:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    for d in ds:
+        await d.stop(2)
+    assert sum(d.materialized_total for d in ds) == 1500
+    for i in range(3):
+        assert await buffered(app, f"env_m{i}") == 0
+
+
+async def test_service_validation(app: App) -> None:
+    d = drainer(app)
+    with pytest.raises(InvalidArgument) as err:
+        await d.ack_external("tok", [("bad env!", "run_1")])
+    assert err.value.violations[0][0] == "runs[0].env_id"
+    with pytest.raises(InvalidArgument):
+        await d.lease_external("c", -1, 0)
+    with pytest.raises(InvalidArgument):
+        await d.retry_failed("env_1", ["bad id!"])
