@@ -125,9 +125,14 @@ class Violations:
             self.add(field, f"must be at most {max_bytes} bytes")
             return
         try:
-            json.loads(raw)
+            # Strictly UTF-8: json.loads would also take UTF-16/32 bytes.
+            doc = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
         except (ValueError, UnicodeDecodeError):
             self.add(field, "must be a JSON document (UTF-8)")
+            return
+        if not _jsonb_safe(doc):
+            # Postgres jsonb refuses these; the run could never be materialized.
+            self.add(field, "must not contain \\u0000 or unpaired surrogate escapes")
 
     def tags(self, field: str, tags: list[str] | tuple[str, ...], max_tags: int) -> None:
         if len(tags) > max_tags:
@@ -135,6 +140,26 @@ class Violations:
             return
         for i, tag in enumerate(tags):
             self.text(f"{field}[{i}]", tag, max_len=128, required=True)
+
+
+def _jsonb_safe(doc: object) -> bool:
+    """No NUL character and no lone surrogate in any string or key (jsonb's rules)."""
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return False
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+    return True
 
 
 def check_snapshot(
@@ -173,7 +198,9 @@ def check_snapshot(
         v.add(p + "extra", f"must hold at most {MAX_EXTRA} entries")
     else:
         for key, value in snap.extra.items():
-            if not key or len(key) > 128:
-                v.add(f"{p}extra[{key[:32]!r}]", "keys must be 1-128 characters")
+            if not key or len(key) > 128 or "\x00" in key:
+                v.add(f"{p}extra[{key[:32]!r}]", "keys must be 1-128 characters, no NUL")
             elif len(value) > 4096:
                 v.add(f"{p}extra[{key!r}]", "values must be at most 4096 characters")
+            elif "\x00" in value:
+                v.add(f"{p}extra[{key!r}]", "values must not contain NUL")
