@@ -431,3 +431,44 @@ print("ok")
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+# Retry rules (pure logic, no network)
+
+
+def test_only_safe_failures_are_retried() -> None:
+    from mollifier_client import DeadlineExceededError, FailedPreconditionError
+    from mollifier_client._methods import CANCEL_RUN, GET_RUN, RETRY_FAILED, TRIGGER
+    from mollifier_client._retry import Attempts
+
+    policy = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.01)
+    unavailable = UnavailableError("down")
+    deadline = DeadlineExceededError("slow")
+
+    plain = Attempts(policy, 5.0, retry_deadline=GET_RUN.retry_deadline)
+    plain.timeout()
+    assert plain.pause(unavailable) is not None
+    assert plain.pause(deadline) is None
+    assert plain.pause(FailedPreconditionError("no")) is None
+    assert not TRIGGER.retry_deadline
+
+    for method in (CANCEL_RUN, RETRY_FAILED):
+        once = Attempts(policy, 5.0, retry_deadline=method.retry_deadline)
+        once.timeout()
+        assert once.pause(deadline) is not None
+        # The request_id is filled in before the first attempt, so retries repeat it.
+        built = method.build(None, {"env_id": "env_1"})
+        assert built.request_id
+
+    bounded = Attempts(policy, 5.0, retry_deadline=False)
+    for _ in range(3):
+        bounded.timeout()
+    assert bounded.pause(unavailable) is None  # attempts ran out
+
+    # A server-sent RetryInfo delay longer than the time left ends the retries.
+    short = Attempts(policy, 0.5, retry_deadline=False)
+    short.timeout()
+    assert short.pause(UnavailableError("busy", retry_after=2.0)) is None
+
+    # Trigger and Accept requests get a run id before the first attempt.
+    assert TRIGGER.build(None, {"env_id": "env_1"}).snapshot.run_id.startswith("run_")

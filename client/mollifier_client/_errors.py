@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import grpc
+
 from mollifier_client._rpc import details_pb2
 
 __all__ = [
@@ -210,6 +211,10 @@ _BY_CODE: dict[grpc.StatusCode, type[MollifierError]] = {
         InternalError,
     )
 }
+
+
+for _cls in (MollifierError, *_BY_CODE.values()):
+    _cls.__module__ = "mollifier_client"  # shown as mollifier_client.NotFoundError
 
 
 def _call_attr(err: grpc.RpcError, name: str) -> Any:
