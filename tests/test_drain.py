@@ -36,13 +36,14 @@ def snap(env: str, org: str, **fields: Any) -> run_pb2.RunSnapshot:
     return s
 
 
-async def fill(app: App, snaps: Iterable[run_pb2.RunSnapshot]) -> list[str]:
+async def fill(app: App, snaps: Iterable[run_pb2.RunSnapshot], *, at_once: int = 200) -> list[str]:
+    """Accept the runs, ``at_once`` concurrently (1 keeps arrival order = list order)."""
     ids: list[str] = []
     pending: list[Any] = []
     for s in snaps:
         ids.append(s.run_id)
         pending.append(app.buffer.accept(s))
-        if len(pending) >= 200:
+        if len(pending) >= at_once:
             await asyncio.gather(*pending)
             pending = []
     await asyncio.gather(*pending)
@@ -152,7 +153,15 @@ async def test_runs_already_in_postgres_are_not_duplicated(app: App) -> None:
 
 
 async def test_non_retryable_error_writes_system_failure(app: App) -> None:
-    bad = snap("env_bad", "org_1", metadata=b'{"x":"\\u0000"}')
+    # The webapp's own constraint refuses the row: an honest non-retryable error
+    # (23514) for a run that passed the sidecar's checks.
+    assert app.pool is not None
+    async with app.pool.connection() as conn:
+        await conn.execute(
+            "ALTER TABLE mollifier.runs ADD CONSTRAINT no_poison CHECK (NOT 'poison' = ANY(tags))"
+        )
+    bad = snap("env_bad", "org_1")
+    bad.tags.append("poison")
     good = [snap("env_bad", "org_1") for _ in range(5)]
     await fill(app, [*good[:2], bad, *good[2:]])
     d = drainer(app)
@@ -162,7 +171,8 @@ async def test_non_retryable_error_writes_system_failure(app: App) -> None:
     assert all(rows[g.run_id] == "PENDING" for g in good)
     assert d.failed_total == 1 and d.materialized_total == 5
     run = await app.buffer.get_run("env_bad", bad.run_id)
-    assert run.status == run_pb2.RUN_STATUS_SYSTEM_FAILURE and "22P05" in run.last_error
+    assert run.status == run_pb2.RUN_STATUS_SYSTEM_FAILURE and "23514" in run.last_error
+    assert list(run.snapshot.tags) == ["t", "poison"]  # rebuilt from the snapshot
     assert await buffered(app, "env_bad") == 0
 
 
@@ -192,7 +202,7 @@ async def test_idempotency_binding_outlives_the_buffer(app: App) -> None:
 
 
 async def test_external_lease_expires_and_is_delivered_again(app: App) -> None:
-    ids = await fill(app, (snap("env_ext", "org_1") for _ in range(5)))
+    ids = await fill(app, (snap("env_ext", "org_1") for _ in range(5)), at_once=1)
     d = drainer(app, drain_sink="external")
     assert not d.enabled
     token1, deadline, runs = await d.lease_external("c1", 10, 300)
@@ -218,7 +228,7 @@ async def test_external_lease_expires_and_is_delivered_again(app: App) -> None:
 
 
 async def test_nack_backoff_dead_letter_list_and_retry(app: App) -> None:
-    ids = await fill(app, (snap("env_n", "org_1") for _ in range(3)))
+    ids = await fill(app, (snap("env_n", "org_1") for _ in range(3)), at_once=1)
     d = drainer(app, drain_sink="external", drain_max_attempts=2)
     token, _, runs = await d.lease_external("c", 10, 5000)
     requeued, dead, rejected = await d.nack_external(
@@ -249,7 +259,7 @@ async def test_nack_backoff_dead_letter_list_and_retry(app: App) -> None:
 
 
 async def test_retryable_failures_dead_letter_after_max_attempts(app: App) -> None:
-    ids = await fill(app, (snap("env_r", "org_1") for _ in range(2)))
+    ids = await fill(app, (snap("env_r", "org_1") for _ in range(2)), at_once=1)
     d = drainer(app, drain_max_attempts=2, drain_backoff_ms=1)
     # The drainer's reaction to a retryable error is a nack with backoff; a
     # real outage is in test_drain_faults.py.
