@@ -407,7 +407,7 @@ async def test_fail_open_under_client_pause(
     try:
         async with open_app(server.url, trip_threshold=1) as app:
             await app.gate.evaluate(evaluate_request(env))
-            await admin.client_pause(3000, all=True)
+            await admin.client_pause(1000, all=True)
             try:
                 await _assert_fails_open(app, env)
             finally:
