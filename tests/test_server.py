@@ -9,18 +9,20 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from mollifier.app import App
 from mollifier.config import Settings
 from mollifier.devstack import RedisProcess, free_port
-from mollifier.server import SERVICE_NAMES, Sidecar, start_server
+from mollifier.server import SERVICE_NAMES, Sidecar, StartupError, check_redis, start_server
 from mollifier_client.v1 import gate_pb2, gate_pb2_grpc, mutate_pb2
 
 from tests.plugins.sidecar import LiveSidecar, Stubs
@@ -202,3 +204,24 @@ async def test_sigterm_goes_not_serving_then_exits_zero(redis_server: RedisProce
         assert proc.stderr is not None
         logs = (await proc.stderr.read()).decode()
     assert "shutting down" in logs
+
+
+async def test_redis_safety_check_warns_or_refuses(
+    redis_client: Any, redis_factory: Callable[..., RedisProcess]
+) -> None:
+    # The session Redis keeps nothing on disk (no AOF, no RDB save).
+    lax = Settings.from_env({}, redis_url="redis://127.0.0.1:1/0")
+    problems = await check_redis(redis_client, lax)
+    assert any("nothing on disk" in p for p in problems)
+    with pytest.raises(StartupError, match="MOLLIFIER_STRICT_REDIS"):
+        await check_redis(redis_client, lax.replace(strict_redis=True))
+
+    durable = redis_factory(appendonly=True)
+    client = aioredis.Redis.from_url(durable.url)
+    try:
+        assert await check_redis(client, lax.replace(strict_redis=True)) == []
+        await client.config_set("maxmemory-policy", "allkeys-lru")
+        problems = await check_redis(client, lax)
+        assert any("maxmemory-policy" in p for p in problems)
+    finally:
+        await client.aclose()
