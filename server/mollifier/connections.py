@@ -27,7 +27,12 @@ def make_redis(settings: Settings) -> Any:
     }
     if settings.redis_cluster:
         return RedisCluster.from_url(settings.redis_url, **common)
-    return aioredis.Redis.from_url(settings.redis_url, max_connections=512, **common)
+    # A burst wider than the pool waits for a free connection instead of failing
+    # with "Too many connections"; callers bound the wait with their own timeouts.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=512, timeout=5, **common
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def make_pool(settings: Settings, *, max_size: int | None = None) -> AsyncConnectionPool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -30,7 +30,6 @@ from .scripts import Scripts
 from .validation import Violations
 
 M = TypeVar("M", gate_pb2.EvaluateResponse, gate_pb2.TriggerResponse, gate_pb2.GateOutcome)
-T = TypeVar("T")
 
 __all__ = ["Claim", "Gate", "GateRequest", "Outcome", "TriggerOutcome"]
 
@@ -127,20 +126,6 @@ class Gate:
             settings.trip_hold_ms,
             "1" if settings.shadow_mode else "0",
         )
-        # A burst wider than the client's connection pool must queue for a
-        # connection (within the gate's time bound), not fail at once with
-        # "Too many connections" and answer FAIL_OPEN.
-        limit = getattr(getattr(redis, "connection_pool", None), "max_connections", None)
-        self._slots: asyncio.Semaphore | None = None
-        if isinstance(limit, int) and 0 < limit < 2**31 - 1:
-            self._slots = asyncio.Semaphore(max(1, limit - limit // 8))
-
-    async def _bounded(self, call: Awaitable[T]) -> T:
-        """Await one Redis call while holding one of the gate's connection slots."""
-        if self._slots is None:
-            return await call
-        async with self._slots:
-            return await call
 
     # -- the cascade -----------------------------------------------------------
 
@@ -172,9 +157,7 @@ class Gate:
             return pre
         keys, args = self._evaluate_call(req.env_id)
         try:
-            r = await asyncio.wait_for(
-                self._bounded(self.scripts.evaluate(self.redis, keys, args)), self.timeout
-            )
+            r = await asyncio.wait_for(self.scripts.evaluate(self.redis, keys, args), self.timeout)
         except Exception as exc:  # any Redis trouble: pass through, never block
             return self._fail_open(exc)
         return Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]))
@@ -201,7 +184,7 @@ class Gate:
 
             try:
                 results = await asyncio.wait_for(
-                    self._bounded(self.scripts.execute(self.redis, build)), self.timeout
+                    self.scripts.execute(self.redis, build), self.timeout
                 )
             except Exception as exc:
                 failed = self._fail_open(exc)
@@ -245,9 +228,7 @@ class Gate:
             self.buffer.queue_index(pipe, snap.org_id, snap.env_id)
 
         try:
-            results = await asyncio.wait_for(
-                self._bounded(self.scripts.execute(self.redis, build)), self.timeout
-            )
+            results = await asyncio.wait_for(self.scripts.execute(self.redis, build), self.timeout)
         except Exception as exc:
             # The script may have run before the failure: the caller writes the
             # run with this same run id, and materialization is idempotent on it.
@@ -281,12 +262,10 @@ class Gate:
         v.raise_if_any()
         k = env_keys(env_id)
         token = secrets.token_urlsafe(18)
-        r = await self._bounded(
-            self.scripts.claim(
-                self.redis,
-                [k.idem(task, key), k.claim(task, key)],
-                [token, ttl_ms or DEFAULT_CLAIM_TTL_MS],
-            )
+        r = await self.scripts.claim(
+            self.redis,
+            [k.idem(task, key), k.claim(task, key)],
+            [token, ttl_ms or DEFAULT_CLAIM_TTL_MS],
         )
         state = int(r[0])
         value = r[1].decode()
