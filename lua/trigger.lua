@@ -23,12 +23,20 @@
     ARGV[9]  binding expires at (ms), 0 = none while buffered
     ARGV[10] capacity of the env     ARGV[11] "1" when the whole buffer is full
     ARGV[12] delay_until (ms), 0 for none
+    ARGV[13] write through: "1" when the sidecar will write a PASS_THROUGH or
+             SHADOW_LOG run to Postgres itself
+    ARGV[14] binding lifetime (ms) for such a direct write without an expiry
+    ARGV[15] forced pass-through reason (2-5: org not enabled, bypasses; 1 kill
+             switch), or 0 to evaluate the trip; a forced call counts nothing
 
   Output: { decision, reason, windowCount, threshold, trippedUntilMs,
             result, runId, createdAtMs, existingEntry }
     decision/reason: as evaluate.lua; reason 11 BUFFER_FULL when a MOLLIFY
     decision met a full buffer and became PASS_THROUGH
-    result: 0 not buffered (caller writes the run), else as accept.lua
+    result: 0 not buffered (caller writes the run), else as accept.lua, or
+    5 BOUND: not buffered, write through, and the idempotency key is now bound
+    to this run, so concurrent triggers with the key answer with it while the
+    sidecar writes it to Postgres (the unique index there settles the rest)
 ]]
 local rcall = redis.call
 
@@ -47,11 +55,19 @@ local a = {
   totalFull = ARGV[11], delayUntil = tonumber(ARGV[12]),
 }
 
+local RESULT_BOUND = 5
+local writeThrough = ARGV[13] == "1"
+local forced = tonumber(ARGV[15])
+
 local now = now_ms()
-local windowCount, threshold, trippedUntil, tripped =
-  gate_window(k.gate, k.policy, now, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), true)
-local backlog = gate_backlog(k.queue, k.lease, k.retry)
-local decision, reason = gate_decide(tripped, backlog, ARGV[4] == "1")
+local windowCount, threshold, trippedUntil, decision, reason = 0, 0, 0, DECISION_PASS_THROUGH, forced
+if forced == 0 then
+  local tripped
+  windowCount, threshold, trippedUntil, tripped =
+    gate_window(k.gate, k.policy, now, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), true)
+  local backlog = gate_backlog(k.queue, k.lease, k.retry)
+  decision, reason = gate_decide(tripped, backlog, ARGV[4] == "1")
+end
 
 if decision ~= DECISION_MOLLIFY then
   -- Not buffering, but a bound key or a buffered run id still answers as a duplicate.
@@ -65,6 +81,14 @@ if decision ~= DECISION_MOLLIFY then
   if rcall("EXISTS", k.run) == 1 then
     return { decision, reason, windowCount, threshold, trippedUntil,
       RESULT_DUP_RUN, a.runId, 0, entry_view(k.run) }
+  end
+  if writeThrough and a.idem ~= "" then
+    if a.idemExpiresAt == 0 then
+      rcall("SET", k.idem, a.runId, "PX", tonumber(ARGV[14]))
+    elseif a.idemExpiresAt > now then
+      rcall("SET", k.idem, a.runId, "PXAT", a.idemExpiresAt)
+    end
+    return { decision, reason, windowCount, threshold, trippedUntil, RESULT_BOUND, a.runId, now, {} }
   end
   return { decision, reason, windowCount, threshold, trippedUntil, 0, a.runId, 0, {} }
 end

@@ -14,6 +14,7 @@ from typing import Any, Self, TypeVar, cast
 import grpc
 import grpc.aio
 from google.protobuf.message import Message
+
 from mollifier_client import _methods as _m
 from mollifier_client._channel import (
     Metadata,

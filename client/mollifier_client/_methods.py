@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
+
 from mollifier_client._trigger import ensure_run_id, new_request_id
 from mollifier_client.v1 import (
     buffer_pb2,

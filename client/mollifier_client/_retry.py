@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+
 from mollifier_client._errors import MollifierError
 
 __all__ = ["RetryPolicy"]

@@ -14,7 +14,8 @@
     v   version, raised by every change to the entry (compare-and-set)
 
   Accept results: 1 ACCEPTED, 2 DUPLICATE_RUN_ID, 3 DUPLICATE_IDEMPOTENCY_KEY,
-  4 FULL (over the env's capacity, or the caller says the whole buffer is).
+  4 FULL (over the env's capacity, or the caller says the whole buffer is);
+  trigger.lua adds 5 BOUND (key bound to the run for a direct write).
 ]]
 -- Needs includes/time.
 local RESULT_ACCEPTED, RESULT_DUP_RUN, RESULT_DUP_IDEM, RESULT_FULL = 1, 2, 3, 4
@@ -29,10 +30,12 @@ end
 -- Returns { result, runId, createdAtMs, entryView } where entryView is the
 -- existing run's fields for a duplicate found in the buffer, else {}.
 local function accept_entry(k, a, now)
-  -- A live binding wins: the key answers with its run, buffered or not.
+  -- A live binding wins: the key answers with its run, buffered or not. A
+  -- binding to this very run was made by trigger.lua for a direct write that
+  -- Postgres refused retryably; the run now comes to the buffer instead.
   if a.idem ~= "" then
     local bound = rcall("GET", k.idem)
-    if bound then
+    if bound and bound ~= a.runId then
       local existingKey = k.runPrefix .. bound
       return { RESULT_DUP_IDEM, bound, 0, entry_view(existingKey) }
     end
@@ -54,7 +57,11 @@ local function accept_entry(k, a, now)
   local score = math.max(now * 1000, last + 1)
   rcall("HSET", k.env, "ls", score, "org", a.orgId)
   local boundKey = ""
-  if a.idem ~= "" then
+  if a.idem ~= "" and a.idemExpiresAt == 0 and rcall("GET", k.idem) == a.runId then
+    -- Bound already by trigger.lua (direct write turned buffered): keep its TTL.
+    a.idemExpiresAt = -1
+  end
+  if a.idem ~= "" and a.idemExpiresAt >= 0 then
     if a.idemExpiresAt == 0 then
       rcall("SET", k.idem, a.runId)
       boundKey = a.idem

@@ -26,6 +26,7 @@ from .validation import Limits, Violations, check_snapshot
 
 __all__ = [
     "RESULT_ACCEPTED",
+    "RESULT_BOUND",
     "RESULT_DUP_IDEM",
     "RESULT_DUP_RUN",
     "RESULT_FULL",
@@ -35,8 +36,8 @@ __all__ = [
 
 log = logging.getLogger("mollifier.buffer")
 
-# Result codes of lua/includes/entry.lua.
-RESULT_ACCEPTED, RESULT_DUP_RUN, RESULT_DUP_IDEM, RESULT_FULL = 1, 2, 3, 4
+# Result codes of lua/includes/entry.lua (and BOUND of lua/trigger.lua).
+RESULT_ACCEPTED, RESULT_DUP_RUN, RESULT_DUP_IDEM, RESULT_FULL, RESULT_BOUND = 1, 2, 3, 4, 5
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000

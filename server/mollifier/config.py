@@ -55,6 +55,11 @@ class Settings:
     gate_timeout_ms: int = _setting(
         50, "Bound on a gate decision's Redis call; past it the answer is FAIL_OPEN.", minimum=1
     )
+    direct_write_timeout_ms: int = _setting(
+        2000,
+        "Bound on a write-through Trigger's Postgres insert; past it the run is buffered.",
+        minimum=1,
+    )
     buffer_capacity_per_env: int = _setting(
         100_000, "Most runs one env may hold in the buffer.", minimum=1
     )

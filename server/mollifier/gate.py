@@ -19,12 +19,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from mollifier_client.v1 import gate_pb2, run_pb2
+from mollifier_client.v1 import buffer_pb2, gate_pb2, run_pb2
 
-from .buffer import RESULT_ACCEPTED, RESULT_DUP_IDEM, RESULT_DUP_RUN, Buffer
-from .codec import now_ms
+from .buffer import RESULT_ACCEPTED, RESULT_BOUND, RESULT_DUP_IDEM, RESULT_DUP_RUN, Buffer
+from .codec import ms_from_ts, now_ms, ts_from_ms
 from .config import Settings
-from .errors import FailedPrecondition, InvalidArgument
+from .errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    MollifierError,
+    ResourceExhausted,
+    Unavailable,
+)
 from .keys import env_keys
 from .scripts import Scripts
 from .validation import Violations
@@ -205,7 +211,11 @@ class Gate:
         return Outcome(PASS_THROUGH, gate_pb2.DECISION_REASON_FAIL_OPEN)
 
     async def trigger(self, req: GateRequest, snapshot: run_pb2.RunSnapshot) -> TriggerOutcome:
-        """Decide and, when MOLLIFY, buffer the snapshot in the same round trip."""
+        """Decide and, when MOLLIFY, buffer the snapshot in the same round trip.
+
+        With ``write_through`` on the request, a PASS_THROUGH or SHADOW_LOG run
+        is written to Postgres by the sidecar too (see ``_write_direct``).
+        """
         v = Violations()
         check_gate_request(v, req, task_required=True)
         v.raise_if_any()
@@ -215,13 +225,28 @@ class Gate:
             org_id=req.org_id,
             task_identifier=req.task_identifier,
         )
+        write_through = bool(getattr(req, "write_through", False))
+        if write_through and self.buffer.pool is None:
+            raise FailedPrecondition(
+                "write_through needs a database (MOLLIFIER_DATABASE_URL)", reason="NO_DATABASE"
+            )
         pre = self.pre_decision(req)
-        if pre is not None:
+        # A keyed write-through still asks Redis: the key must be honoured (and
+        # bound) whichever path the run takes.
+        if pre is not None and not (write_through and snap.idempotency_key):
+            if write_through:
+                return await self._write_direct(pre, snap, bound=False)
             return TriggerOutcome(pre, snap.run_id, None, False)
         keys, args = self.buffer.accept_call(snap)
         k = env_keys(snap.env_id)
         script_keys = [k.gate, k.policy, *keys]
-        script_args = [*self._defaults, *args]
+        script_args = [
+            *self._defaults,
+            *args,
+            "1" if write_through else "0",
+            self.settings.idempotency_ttl_ms,
+            pre.reason if pre is not None else 0,
+        ]
 
         def build(pipe: Any) -> None:
             self.scripts.trigger.queue(pipe, script_keys, script_args)
@@ -232,11 +257,16 @@ class Gate:
         except Exception as exc:
             # The script may have run before the failure: the caller writes the
             # run with this same run id, and materialization is idempotent on it.
-            return TriggerOutcome(self._fail_open(exc), snap.run_id, None, False)
+            failed = self._fail_open(exc)
+            if write_through:
+                return await self._write_direct(failed, snap, bound=False)
+            return TriggerOutcome(failed, snap.run_id, None, False)
         r = results[0]
         outcome = Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]))
         result = int(r[5])
-        if result == 0 or outcome.reason == gate_pb2.DECISION_REASON_BUFFER_FULL:
+        if result in (0, RESULT_BOUND) or outcome.reason == gate_pb2.DECISION_REASON_BUFFER_FULL:
+            if write_through:
+                return await self._write_direct(outcome, snap, bound=result == RESULT_BOUND)
             return TriggerOutcome(outcome, snap.run_id, None, False)
         run_id = r[6].decode()
         if result == RESULT_ACCEPTED:
@@ -246,6 +276,90 @@ class Gate:
             existing = await self.buffer.existing_run(snap.env_id, run_id, r[8])
             return TriggerOutcome(outcome, run_id, existing, True)
         raise AssertionError(f"unknown trigger result {result}")
+
+    async def _write_direct(
+        self, outcome: Outcome, snap: run_pb2.RunSnapshot, *, bound: bool
+    ) -> TriggerOutcome:
+        """Insert a pass-through run into Postgres through the drainer's own
+        materializer; a retryable failure (or no answer within
+        MOLLIFIER_DIRECT_WRITE_TIMEOUT_MS) buffers the run instead."""
+        from . import materializer as m
+
+        pool = self.buffer.pool
+        assert pool is not None
+        entry = m.Entry.from_snapshot(snap)
+        try:
+            async with asyncio.timeout(self.settings.direct_write_timeout_ms / 1000):
+                async with pool.connection() as conn:
+                    res = await m.materialize_one(conn, entry)
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) or m.is_retryable(exc):
+                return await self._buffer_instead(outcome, snap, exc)
+            raise
+        if res.outcome is m.Outcome.CREATED:
+            return TriggerOutcome(outcome, snap.run_id, direct_run(snap), False)
+        if res.outcome is m.Outcome.RETRY:
+            return await self._buffer_instead(outcome, snap, None)
+        if res.outcome is m.Outcome.SYSTEM_FAILURE:
+            raise MollifierError(
+                f"postgres refused run {snap.run_id}: {res.error} (kept as a SYSTEM_FAILURE row)",
+                reason="POSTGRES_REJECTED",
+                metadata={"run_id": snap.run_id},
+            )
+        holder = res.resolved_run_id or snap.run_id
+        if holder != snap.run_id and bound:
+            # The key was held in Postgres by an older run whose Redis binding
+            # had lapsed: point the binding at the run that really holds it.
+            k = env_keys(snap.env_id)
+            await self.scripts.rebind(
+                self.redis,
+                [k.idem(snap.task_identifier, snap.idempotency_key)],
+                [snap.run_id, holder],
+            )
+        existing = await m.read_run(pool, snap.env_id, holder)
+        if existing is None:
+            existing = run_pb2.Run(
+                run_id=holder, env_id=snap.env_id, source=run_pb2.RUN_SOURCE_POSTGRES
+            )
+        return TriggerOutcome(outcome, holder, existing, True)
+
+    async def _buffer_instead(
+        self, outcome: Outcome, snap: run_pb2.RunSnapshot, exc: BaseException | None
+    ) -> TriggerOutcome:
+        """Postgres failed retryably on a direct write: take the run into the buffer."""
+        log.warning(
+            "direct write failed; buffering the run",
+            extra={
+                "env_id": snap.env_id,
+                "run_id": snap.run_id,
+                "error": type(exc).__name__ if exc else "retry",
+                "reason": "POSTGRES_UNAVAILABLE",
+            },
+        )
+        try:
+            accepted = await self.buffer.accept(snap)
+        except ResourceExhausted:
+            raise Unavailable(
+                "postgres is unavailable and the buffer is full",
+                reason="POSTGRES_UNAVAILABLE",
+                retry_after_ms=1000,
+            ) from exc
+        except MollifierError:
+            raise
+        except Exception as redis_exc:
+            raise Unavailable(
+                "postgres and redis are both unavailable", reason="STORES_UNAVAILABLE"
+            ) from redis_exc
+        buffered = Outcome(
+            MOLLIFY,
+            gate_pb2.DECISION_REASON_POSTGRES_UNAVAILABLE,
+            outcome.window_count,
+            outcome.threshold,
+            outcome.tripped_until_ms,
+        )
+        duplicate = accepted.result != buffer_pb2.ACCEPT_RESULT_ACCEPTED
+        run_id = accepted.existing_run_id or snap.run_id
+        return TriggerOutcome(buffered, run_id, accepted.run, duplicate)
 
     # -- idempotency claims ----------------------------------------------------
 
@@ -372,3 +486,18 @@ class Gate:
         await pipe.execute()
         state = await self.env_state(env_id)
         return state.effective_policy
+
+
+def direct_run(snap: run_pb2.RunSnapshot) -> run_pb2.Run:
+    """The Run a direct write just created (PENDING, or DELAYED when delayed)."""
+    now = now_ms()
+    delayed = snap.HasField("delay_until") and ms_from_ts(snap.delay_until) > now
+    return run_pb2.Run(
+        run_id=snap.run_id,
+        env_id=snap.env_id,
+        status=run_pb2.RUN_STATUS_DELAYED if delayed else run_pb2.RUN_STATUS_PENDING,
+        source=run_pb2.RUN_SOURCE_POSTGRES,
+        snapshot=snap,
+        created_at=ts_from_ms(now),
+        materialized_at=ts_from_ms(now),
+    )

@@ -17,7 +17,6 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis.asyncio as aioredis
-
 from mollifier.config import Settings
 from mollifier.devstack import PostgresProcess, RedisProcess
 
