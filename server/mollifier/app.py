@@ -14,6 +14,7 @@ from .config import Settings
 from .connections import make_pool, make_redis
 from .drainer import Drainer
 from .gate import Gate
+from .mutations import Mutations
 from .scripts import Scripts, load_scripts
 
 __all__ = ["App"]
@@ -45,6 +46,7 @@ class App:
         # Always made (DrainService's Lease/Ack/status use it); its loop only
         # runs when the built-in sink is on and Postgres is configured.
         self.drainer = Drainer(settings, redis, scripts, pool)
+        self.mutations = Mutations(settings, redis, scripts, pool, self.buffer, self.gate)
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod

@@ -14,6 +14,7 @@ from mollifier_client.v1 import (
     buffer_pb2_grpc,
     gate_pb2,
     gate_pb2_grpc,
+    mutate_pb2,
     mutate_pb2_grpc,
 )
 
@@ -159,7 +160,64 @@ class BufferServicer(buffer_pb2_grpc.BufferServiceServicer):
 
 
 class MutateServicer(mutate_pb2_grpc.MutateServiceServicer):
-    """Every RPC answers UNIMPLEMENTED until mutations land (the generated base)."""
+    """Thin handlers over ``app.mutations`` (see mollifier.mutations)."""
 
     def __init__(self, app: App) -> None:
         self.app = app
+
+    @grpc_errors
+    async def CancelRun(
+        self, request: mutate_pb2.CancelRunRequest, context: Ctx
+    ) -> mutate_pb2.CancelRunResponse:
+        return await self.app.mutations.cancel(
+            request.env_id, request.run_id, request.request_id, request.reason
+        )
+
+    @grpc_errors
+    async def RescheduleRun(
+        self, request: mutate_pb2.RescheduleRunRequest, context: Ctx
+    ) -> mutate_pb2.RescheduleRunResponse:
+        return await self.app.mutations.reschedule(
+            request.env_id,
+            request.run_id,
+            request.request_id,
+            request.delay_until if request.HasField("delay_until") else None,
+        )
+
+    @grpc_errors
+    async def UpdateMetadata(
+        self, request: mutate_pb2.UpdateMetadataRequest, context: Ctx
+    ) -> mutate_pb2.UpdateMetadataResponse:
+        return await self.app.mutations.update_metadata(
+            request.env_id,
+            request.run_id,
+            request.request_id,
+            metadata_json=request.metadata_json,
+            operations=list(request.operations),
+            parent_operations=list(request.parent_operations),
+            root_operations=list(request.root_operations),
+        )
+
+    @grpc_errors
+    async def AddTags(
+        self, request: mutate_pb2.AddTagsRequest, context: Ctx
+    ) -> mutate_pb2.AddTagsResponse:
+        return await self.app.mutations.add_tags(
+            request.env_id, request.run_id, request.request_id, list(request.tags)
+        )
+
+    @grpc_errors
+    async def ResetIdempotencyKey(
+        self, request: mutate_pb2.ResetIdempotencyKeyRequest, context: Ctx
+    ) -> mutate_pb2.ResetIdempotencyKeyResponse:
+        return await self.app.mutations.reset_idempotency_key(
+            request.env_id, request.request_id, request.task_identifier, request.idempotency_key
+        )
+
+    @grpc_errors
+    async def ReplayRun(
+        self, request: mutate_pb2.ReplayRunRequest, context: Ctx
+    ) -> mutate_pb2.ReplayRunResponse:
+        return await self.app.mutations.replay(
+            request.env_id, request.run_id, request.request_id, request.new_run_id
+        )
