@@ -35,7 +35,6 @@ from mollifier_client import (
     RetryPolicy,
     UnauthenticatedError,
     UnavailableError,
-    UnimplementedError,
 )
 from mollifier_client.v1 import buffer_pb2, gate_pb2, run_pb2
 
@@ -230,10 +229,11 @@ async def test_unknown_run_raises_not_found(aclient: AsyncClient, client: Client
     assert (await asyncio.to_thread(sync_missing)).reason == "RUN_NOT_FOUND"
 
 
-async def test_unimplemented_rpc_raises_unimplemented(aclient: AsyncClient) -> None:
-    with pytest.raises(UnimplementedError) as caught:
+async def test_mutation_of_unknown_run_raises_not_found(aclient: AsyncClient) -> None:
+    with pytest.raises(NotFoundError) as caught:
         await aclient.cancel_run(env_id="env_a", run_id="run_1", reason="no longer needed")
-    assert caught.value.code is grpc.StatusCode.UNIMPLEMENTED
+    assert caught.value.code is grpc.StatusCode.NOT_FOUND
+    assert caught.value.reason == "RUN_NOT_FOUND"
 
 
 # A sidecar that is down or silent

@@ -163,13 +163,15 @@ async def test_trigger_lua_buffers_only_on_mollify(app: App, redis_client: aiore
         return [k.gate, k.policy, *accept_keys(env, run_id)]
 
     args = (1, 60_000, 60_000, "0")
+    # write_through off, binding lifetime, no forced pass-through reason.
+    tail = ("0", 86_400_000, 0)
     r = await app.scripts.trigger(
-        redis_client, trig_keys("run_a"), [*args, *accept_args(env, "run_a")]
+        redis_client, trig_keys("run_a"), [*args, *accept_args(env, "run_a"), *tail]
     )
     assert (int(r[0]), int(r[5])) == (1, 0)
     assert await redis_client.exists(k.run("run_a")) == 0
     r = await app.scripts.trigger(
-        redis_client, trig_keys("run_b"), [*args, *accept_args(env, "run_b")]
+        redis_client, trig_keys("run_b"), [*args, *accept_args(env, "run_b"), *tail]
     )
     assert (int(r[0]), int(r[1]), int(r[5]), r[6]) == (3, 7, 1, b"run_b")
     entry = await redis_client.hgetall(k.run("run_b"))

@@ -110,12 +110,17 @@ async def test_bad_env_id_is_invalid_argument_naming_the_field(stubs: Stubs) -> 
     assert "env_id" in fields
 
 
-async def test_unimplemented_rpc_answers_unimplemented(stubs: Stubs) -> None:
+async def test_unknown_run_answers_not_found_with_a_reason(stubs: Stubs) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stubs.mutate.CancelRun(
             mutate_pb2.CancelRunRequest(env_id="env_a", run_id="run_1", request_id="r1")
         )
-    assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    status = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.reason == "RUN_NOT_FOUND"
 
 
 @pytest.fixture
