@@ -1,0 +1,213 @@
+"""Drain benchmark: buffered runs into Postgres, beside a raw COPY and a row loop.
+
+    .venv/bin/python bench/drain.py [--runs 50000] [--loop-runs 10000]
+
+Starts its own redis-server and postgres (mollifier.devstack, fsync off like
+the tests), buffers the runs through Buffer.accept, and times:
+
+- COPY: the same rows COPYed into mollifier.runs (the ceiling; rows built
+  before the clock starts, so the comparison is conservative);
+- one statement per batch: materialize_batch alone, no Redis (the SQL's cost),
+  both ways: COPY into a staging table + one INSERT ... SELECT (what the drainer
+  uses), and one INSERT ... SELECT FROM unnest(arrays);
+- drainer: the built-in drainer, lease -> write -> ack, until the buffer is empty;
+- row loop: one INSERT per run, each its own transaction (the seeds' way).
+
+Every method writes into an emptied table, so they are compared on the same rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mollifier_client.v1 import run_pb2
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+
+from mollifier.app import App
+from mollifier.codec import now_ms
+from mollifier.config import Settings
+from mollifier.devstack import PostgresProcess, RedisProcess
+from mollifier.keys import env_keys
+from mollifier.materializer import (
+    _ONE_SQL,
+    COLUMN_NAMES,
+    Entry,
+    materialize_batch,
+    row_values,
+)
+
+ENVS = 10
+ORGS = 5
+
+
+def make_snapshots(n: int) -> list[run_pb2.RunSnapshot]:
+    payload = b'{"user":"u_123","order":{"id":"o_456","items":[1,2,3],"total":99.5},"n":%d}'
+    out = []
+    for i in range(n):
+        env = i % ENVS
+        out.append(
+            run_pb2.RunSnapshot(
+                run_id=f"run_bench{i:07d}",
+                env_id=f"env_{env}",
+                org_id=f"org_{env % ORGS}",
+                task_identifier="send-email",
+                payload=payload % i,
+                payload_type="application/json",
+                tags=["bench", f"batch-{i % 7}"],
+                metadata=b'{"source":"bench"}',
+                metadata_type="application/json",
+                queue="task/send-email",
+                trace_id="0af7651916cd43dd8448eb211c80319c",
+                span_id="b7ad6b7169203331",
+                max_attempts=3,
+                extra={"region": "eu"},
+            )
+        )
+    return out
+
+
+async def truncate(app: App) -> None:
+    assert app.pool is not None
+    async with app.pool.connection() as conn:
+        await conn.execute("TRUNCATE mollifier.runs")
+        await conn.execute("VACUUM ANALYZE mollifier.runs")
+
+
+async def count(app: App) -> int:
+    assert app.pool is not None
+    async with app.pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM mollifier.runs")
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def time_copy(app: App, entries: list[Entry]) -> float:
+    assert app.pool is not None
+    now = now_ms()
+    rows = [row_values(e, now=now) for e in entries]
+    cols = ", ".join(COLUMN_NAMES)
+    start = time.perf_counter()
+    async with app.pool.connection() as conn, conn.cursor() as cur:
+        async with cur.copy(f"COPY mollifier.runs ({cols}) FROM STDIN") as copy:
+            for row in rows:
+                await copy.write_row(row)
+    return time.perf_counter() - start
+
+
+async def time_batches(app: App, entries: list[Entry], batch: int, method: str) -> float:
+    assert app.pool is not None
+    start = time.perf_counter()
+    for i in range(0, len(entries), batch):
+        await materialize_batch(app.pool, entries[i : i + batch], method=method)
+    return time.perf_counter() - start
+
+
+async def time_row_loop(app: App, entries: list[Entry]) -> float:
+    assert app.pool is not None
+    start = time.perf_counter()
+    async with app.pool.connection() as conn:
+        for e in entries:
+            await conn.execute(_ONE_SQL, row_values(e))
+    return time.perf_counter() - start
+
+
+async def buffer_depth(app: App) -> int:
+    pipe = app.redis.pipeline(transaction=False)
+    for env in range(ENVS):
+        k = env_keys(f"env_{env}")
+        for key in (k.queue, k.lease, k.retry, k.failed):
+            pipe.zcard(key)
+    return sum(int(n) for n in await pipe.execute())
+
+
+async def time_drain(app: App, snaps: list[run_pb2.RunSnapshot]) -> tuple[float, float]:
+    start = time.perf_counter()
+    for i in range(0, len(snaps), 500):
+        await asyncio.gather(*(app.buffer.accept(s) for s in snaps[i : i + 500]))
+    accept_s = time.perf_counter() - start
+    assert await buffer_depth(app) == len(snaps)
+    drainer = app.drainer
+    drainer.settings = app.settings.replace(drain_enabled=True)
+    start = time.perf_counter()
+    drainer.start()
+    while await buffer_depth(app) > 0:  # noqa: ASYNC110 (polling Redis is the point)
+        await asyncio.sleep(0.01)
+    drain_s = time.perf_counter() - start
+    await drainer.stop(5)
+    return accept_s, drain_s
+
+
+async def main(runs: int, loop_runs: int) -> None:
+    # Separate folders: postgres runs as its own user when we are root, and is
+    # given its folder; a parent it cannot enter would stop initdb.
+    redis_dir = Path(tempfile.mkdtemp(prefix="mollifier-bench-redis-"))
+    pg_dir = Path(tempfile.mkdtemp(prefix="mollifier-bench-pg-"))
+    redis = RedisProcess(redis_dir)
+    pg = PostgresProcess(pg_dir)
+    try:
+        redis.start()
+        pg.start()
+        settings = Settings.from_env(
+            {}, redis_url=redis.url, database_url=pg.url, drain_enabled=False
+        )
+        app = await App.connect(settings, start_background=False)
+        try:
+            snaps = make_snapshots(runs)
+            entries = [Entry.from_snapshot(s) for s in snaps]
+            results: list[tuple[str, int, float]] = []
+
+            await truncate(app)
+            results.append(("COPY (ceiling)", runs, await time_copy(app, entries)))
+            assert await count(app) == runs
+
+            size = settings.drain_batch_size
+            for method, how in (("copy", "COPY to stage + INSERT"), ("unnest", "unnest INSERT")):
+                await truncate(app)
+                label = f"batch of {size}, {how}, no Redis"
+                results.append((label, runs, await time_batches(app, entries, size, method)))
+                assert await count(app) == runs
+
+            await truncate(app)
+            accept_s, drain_s = await time_drain(app, snaps)
+            label = f"drainer (batch {size}, concurrency {settings.drain_concurrency})"
+            results.append((label, runs, drain_s))
+            assert await count(app) == runs
+
+            await truncate(app)
+            loop_n = min(loop_runs, runs)
+            label = "one INSERT per run (row loop)"
+            results.append((label, loop_n, await time_row_loop(app, entries[:loop_n])))
+            assert await count(app) == loop_n
+        finally:
+            await app.close(grace=1)
+    finally:
+        redis.stop()
+        pg.stop()
+        shutil.rmtree(redis_dir, ignore_errors=True)
+        shutil.rmtree(pg_dir, ignore_errors=True)
+
+    copy_rate = results[0][1] / results[0][2]
+    print(f"buffering {runs} runs through Buffer.accept: {accept_s:.2f} s "
+          f"({runs / accept_s:,.0f} runs/s)")  # fmt: skip
+    print()
+    print(f"| {'method':<50} | {'rows':>7} | {'seconds':>8} | {'rows/s':>9} | {'vs COPY':>7} |")
+    print(f"|{'-' * 52}|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 9}|")
+    for name, n, secs in results:
+        rate = n / secs
+        print(f"| {name:<50} | {n:>7} | {secs:>8.2f} | {rate:>9,.0f} | {rate / copy_rate:>7.2f} |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=50_000)
+    parser.add_argument("--loop-runs", type=int, default=10_000)
+    args = parser.parse_args()
+    asyncio.run(main(args.runs, args.loop_runs))
