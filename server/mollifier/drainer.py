@@ -195,6 +195,7 @@ class Drainer:
         self._stopping = False
         self._wake = asyncio.Event()
         self._batches: set[asyncio.Task[int]] = set()
+        self._leased_since_check = 0
         self._paused_cache: tuple[float, bool] = (0.0, False)
 
     # -- configuration ---------------------------------------------------------
@@ -256,24 +257,50 @@ class Drainer:
         backoff = 0.1
         last_repair = 0.0
         last_sweep = 0.0
-        while not self._stopping:
-            try:
-                mono = time.monotonic()
-                if mono - last_repair >= REPAIR_INTERVAL_S:
-                    last_repair = mono
-                    await self.repair_index()
-                if mono - last_sweep >= SWEEP_INTERVAL_S:
-                    last_sweep = mono
-                    await self.sweep_stale()
-                leased = await self.tick()
-                backoff = 0.1
-                if leased == 0:
-                    await self._sleep(self.settings.drain_idle_ms / 1000)
-            except Exception:
-                # One bad tick (Redis blip, ...) never ends the loop; back off.
-                log.exception("drain tick failed")
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        try:
+            while not self._stopping:
+                try:
+                    mono = time.monotonic()
+                    if mono - last_repair >= REPAIR_INTERVAL_S:
+                        last_repair = mono
+                        await self.repair_index()
+                    if mono - last_sweep >= SWEEP_INTERVAL_S:
+                        last_sweep = mono
+                        await self.sweep_stale()
+                    busy = await self._launch_tick()
+                    backoff = 0.1
+                    if not busy:
+                        await self._sleep(self.settings.drain_idle_ms / 1000)
+                except Exception:
+                    # One bad tick (Redis blip, ...) never ends the loop; back off.
+                    log.exception("drain tick failed")
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            # Stopping: no new leases; the batches in flight finish (stop() bounds it).
+            if self._batches:
+                await asyncio.gather(*self._batches, return_exceptions=True)
+
+    async def _launch_tick(self) -> bool:
+        """One tick without waiting for its batches to finish: the next tick picks
+        as soon as a slot frees, so Postgres never idles between ticks. Batches
+        of a tick take slots in pick order, ahead of the next tick's. Returns
+        whether anything was leased since the last call."""
+        if await self._paused_cached():
+            return False
+        self.ticks += 1
+        picks = await self.pick(self.rotation, self.settings.drain_concurrency)
+        for org, env in picks:
+            task = asyncio.create_task(self._drain_env(org, env))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+        while len(self._batches) >= self.settings.drain_concurrency:
+            await asyncio.wait(self._batches, return_when=asyncio.FIRST_COMPLETED)
+        if self._leased_since_check == 0 and self._batches:
+            # Nothing leased lately: let the rest finish before deciding to idle.
+            await asyncio.wait(self._batches)
+        leased, self._leased_since_check = self._leased_since_check, 0
+        return leased > 0
 
     # -- pause -----------------------------------------------------------------
 
@@ -571,6 +598,7 @@ class Drainer:
                     await self._unindex_env(org, env_id)
                     return 0
                 self.in_flight += len(batch.runs)
+                self._leased_since_check += len(batch.runs)
                 try:
                     await self.materialize(batch)
                 finally:

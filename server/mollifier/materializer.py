@@ -172,8 +172,10 @@ def _ts(ms: int) -> dt.datetime | None:
 
 def _array_literal(items: Sequence[str]) -> str:
     # Every element quoted, so commas, braces and spaces inside tags are kept.
-    quoted = ('"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"' for t in items)
-    return "{" + ",".join(quoted) + "}"
+    if not items:
+        return "{}"
+    quoted = [t.replace("\\", "\\\\").replace('"', '\\"') for t in items]
+    return '{"' + '","'.join(quoted) + '"}'
 
 
 def _opt(s: str) -> str | None:
@@ -201,7 +203,7 @@ def row_values(entry: Entry, *, now: int | None = None, error: str = "") -> tupl
         else 0
     )
     metadata = None if error or not s.metadata else s.metadata.decode("utf-8", "replace")
-    extra = "{}" if error else json.dumps(dict(s.extra))
+    extra = "{}" if error or not s.extra else json.dumps(dict(s.extra))
     return (
         s.run_id,
         s.env_id,
