@@ -27,7 +27,7 @@ local rcall = redis.call
 local leaseKey = KEYS[1]
 local prefix, idemPrefix, token, idemTtl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 
-local acked, rejected = 0, {}
+local acked, rejected, done = 0, {}, {}
 for i = 5, #ARGV, 2 do
   local runId, resolved = ARGV[i], ARGV[i + 1]
   local runKey = prefix .. runId
@@ -45,10 +45,13 @@ for i = 5, #ARGV, 2 do
       end
     end
     rcall("DEL", runKey)
-    rcall("ZREM", leaseKey, runId)
+    done[#done + 1] = runId
     acked = acked + 1
   else
     rejected[#rejected + 1] = runId
   end
+end
+if #done > 0 then
+  rcall("ZREM", leaseKey, unpack(done))
 end
 return { acked, rejected }

@@ -74,18 +74,28 @@ end
 local entries = {}
 if want > 0 then
   local ids = rcall("ZRANGE", queueKey, 0, want - 1)
-  for _, runId in ipairs(ids) do
-    local runKey = prefix .. runId
-    rcall("ZREM", queueKey, runId)
-    local f = rcall("HMGET", runKey, "s", "sc", "ca", "at", "cx", "cr", "ik", "org", "le")
-    -- A queue ref whose hash is gone (should not happen; skip it, never lease it).
-    if f[1] then
-      local at = (tonumber(f[4]) or 0) + 1
-      rcall("HSET", runKey, "st", "D", "lt", token, "ld", deadline, "at", at)
-      rcall("HINCRBY", runKey, "v", 1)
-      rcall("ZADD", leaseKey, deadline, runId)
-      entries[#entries + 1] = { runId, f[1], f[2] or "0", f[3] or "0", at,
-        f[5] or "", f[6] or "", f[7] or "", f[8] or "", f[9] or "" }
+  if #ids > 0 then
+    -- The head is taken as a whole: one range removal and one ZADD for all,
+    -- so the per-run work is one HMGET and one HSET.
+    rcall("ZREMRANGEBYRANK", queueKey, 0, #ids - 1)
+    local leased = {}
+    for _, runId in ipairs(ids) do
+      local runKey = prefix .. runId
+      local f = rcall("HMGET", runKey, "s", "sc", "ca", "at", "cx", "cr", "ik", "org", "le", "v")
+      -- A queue ref whose hash is gone (should not happen): dropped, never leased.
+      if f[1] then
+        local at = (tonumber(f[4]) or 0) + 1
+        rcall("HSET", runKey, "st", "D", "lt", token, "ld", deadline, "at", at,
+          "v", (tonumber(f[10]) or 0) + 1)
+        leased[#leased + 1] = deadline
+        leased[#leased + 1] = runId
+        entries[#entries + 1] = { runId, f[1], f[2] or "0", f[3] or "0", at,
+          f[5] or "", f[6] or "", f[7] or "", f[8] or "", f[9] or "" }
+      end
+    end
+    -- ZADD takes at most a few thousand arguments comfortably; batches are <= 1000.
+    if #leased > 0 then
+      rcall("ZADD", leaseKey, unpack(leased))
     end
   end
 end
