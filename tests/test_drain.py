@@ -351,3 +351,22 @@ async def test_service_validation(app: App) -> None:
         await d.lease_external("c", -1, 0)
     with pytest.raises(InvalidArgument):
         await d.retry_failed("env_1", ["bad id!"])
+
+
+async def test_cancel_of_a_requeued_run_wins_over_its_committed_row(app: App) -> None:
+    s = snap("env_cx", "org_1")
+    await fill(app, [s])
+    d = drainer(app, drain_lease_ms=300)
+    assert app.pool is not None
+    # A drainer committed the row and died before its ack ...
+    batch = await d.lease_env("env_cx", 10, 300, "dead-drainer")
+    await materialize_batch(app.pool, [Entry.from_snapshot(s)])
+    await asyncio.sleep(0.35)
+    # ... the lease ran out, the run is queued again, and is cancelled there.
+    reclaim = await d.lease_env("env_cx", 0, 300, "nobody")
+    assert reclaim.reclaimed == 1 and batch.runs[0].run_id == s.run_id
+    await app.redis.hset(env_keys("env_cx").run(s.run_id), mapping={"cx": now_ms(), "cr": "late"})
+    await drain_until_empty(d)
+    run = await app.buffer.get_run("env_cx", s.run_id)
+    assert run.source == run_pb2.RUN_SOURCE_POSTGRES
+    assert run.status == run_pb2.RUN_STATUS_CANCELED and run.cancel_reason == "late"

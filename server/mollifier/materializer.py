@@ -284,6 +284,11 @@ _FROM_STAGE_SQL = (
     "ON CONFLICT DO NOTHING RETURNING run_id"
 ).format(cols=", ".join(COLUMN_NAMES))
 
+_CANCEL_EXISTING_SQL = (
+    "UPDATE mollifier.runs SET status = 'CANCELED', canceled_at = %s, cancel_reason = %s "
+    "WHERE run_id = %s AND env_id = %s AND status IN ('PENDING', 'DELAYED')"
+)
+
 _EXISTING_SQL = "SELECT run_id FROM mollifier.runs WHERE run_id = ANY(%s::text[])"
 
 
@@ -314,6 +319,15 @@ async def _resolve_missing(
     if missing:
         cur = await conn.execute(_EXISTING_SQL, ([e.run_id for e in missing],))
         existing = {r[0] for r in await cur.fetchall()}
+        # A row committed before a lost ack, whose entry was then cancelled
+        # while queued again: the cancel must still win (never a live row
+        # for a run the caller was told is cancelled).
+        for e in missing:
+            if e.run_id in existing and e.canceled_ms:
+                await conn.execute(
+                    _CANCEL_EXISTING_SQL,
+                    (_ts(e.canceled_ms), e.cancel_reason or None, e.run_id, e.snapshot.env_id),
+                )
         keyed = [e.snapshot for e in missing if e.run_id not in existing]
         if keyed:
             cur = await conn.execute(
