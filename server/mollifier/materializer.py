@@ -365,11 +365,40 @@ async def _write(
     check: CommitCheck | None,
     method: str = "copy",
 ) -> list[Result]:
-    """Insert the rows in one transaction; results in the entries' order."""
+    """Insert the rows in one transaction; results in the entries' order.
+
+    With ``method="copy"`` the batch is first COPYed straight into the table,
+    the whole transaction being that one statement. Conflicts are rare (a batch
+    committed before a lost ack, a key bound to another run); on one, Postgres
+    rolls the COPY back and the batch goes again through a session-local
+    staging table and one INSERT ... SELECT ... ON CONFLICT DO NOTHING, which
+    says which rows were new. Either way one statement writes the batch,
+    several times faster than binding 31 arrays (see docs/benchmarks.md).
+    """
+    if method == "copy" and len(rows) > 1:
+        keyed = any(e.snapshot.idempotency_key for e in entries)
+        try:
+            async with conn.transaction():
+                if keyed:
+                    await _release_expired(conn, entries)
+                async with conn.cursor() as cur, cur.copy(_COPY_DIRECT_SQL) as copy:
+                    for row in rows:
+                        await copy.write_row(row)
+                if check is not None and not check():
+                    raise LeaseLost("lease too close to its deadline to commit")
+            return [Result(e.run_id, Outcome.CREATED, resolved_run_id=e.run_id) for e in entries]
+        except psycopg.errors.UniqueViolation:
+            pass
     async with conn.transaction():
         await _release_expired(conn, entries)
         if method == "copy" and len(rows) > 1:
-            inserted = await _copy_rows(conn, rows)
+            await conn.execute(_STAGE_SQL)
+            async with conn.cursor() as cur:
+                async with cur.copy(_COPY_STAGE_SQL) as copy:
+                    for row in rows:
+                        await copy.write_row(row)
+                await cur.execute(_FROM_STAGE_SQL)
+                inserted = {r[0] for r in await cur.fetchall()}
         elif len(rows) == 1:
             cur = await conn.execute(_ONE_SQL, rows[0])
             inserted = {r[0] for r in await cur.fetchall()}
@@ -380,32 +409,6 @@ async def _write(
         if check is not None and not check():
             raise LeaseLost("lease too close to its deadline to commit")
     return results
-
-
-async def _copy_rows(conn: Conn, rows: Sequence[tuple[Any, ...]]) -> set[str]:
-    """Insert rows with COPY; the run ids inserted.
-
-    Fast path: COPY straight into the table, inside a savepoint. Conflicts are
-    rare (a batch committed before a lost ack, a key bound elsewhere), and only
-    then does the batch go through a session-local staging table and one
-    INSERT ... SELECT ... ON CONFLICT DO NOTHING. Either way one statement
-    writes the batch, several times faster than binding 31 arrays (see
-    docs/benchmarks.md).
-    """
-    try:
-        async with conn.transaction(), conn.cursor() as cur, cur.copy(_COPY_DIRECT_SQL) as copy:
-            for row in rows:
-                await copy.write_row(row)
-        return {row[0] for row in rows}
-    except psycopg.errors.UniqueViolation:
-        pass
-    await conn.execute(_STAGE_SQL)
-    async with conn.cursor() as cur:
-        async with cur.copy(_COPY_STAGE_SQL) as copy:
-            for row in rows:
-                await copy.write_row(row)
-        await cur.execute(_FROM_STAGE_SQL)
-        return {r[0] for r in await cur.fetchall()}
 
 
 def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
