@@ -57,6 +57,7 @@ RECLAIM_PER_CALL = 1000
 REPAIR_INTERVAL_S = 30.0
 SWEEP_INTERVAL_S = 5.0
 SWEEP_ORGS_PER_PASS = 100
+ORG_EMPTY_GRACE_S = 1.0
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
 
@@ -196,6 +197,7 @@ class Drainer:
         self._wake = asyncio.Event()
         self._batches: set[asyncio.Task[int]] = set()
         self._leased_since_check = 0
+        self._empty_orgs: dict[str, float] = {}
         self._paused_cache: tuple[float, bool] = (0.0, False)
 
     # -- configuration ---------------------------------------------------------
@@ -354,6 +356,8 @@ class Drainer:
             org: sorted(_text(e) for e in envs) for org, envs in zip(slice_, members, strict=True)
         }
         live = [org for org in slice_ if envs_by_org[org]]
+        for org in live:
+            self._empty_orgs.pop(org, None)
         for org in slice_:
             if not envs_by_org[org]:
                 await self._unindex_org(org)
@@ -391,7 +395,21 @@ class Drainer:
             await self._unindex_org(org)
 
     async def _unindex_org(self, org: str) -> None:
+        """Drop an org whose env set has stayed empty for a while.
+
+        Accept adds the org before the env (same pipeline), so an org seen with
+        no envs may be a brand-new one whose env SADD is a moment away; it is
+        only removed once it has been seen empty for ORG_EMPTY_GRACE_S, and
+        re-added if an env appeared meanwhile.
+        """
+        mono = time.monotonic()
+        first = self._empty_orgs.setdefault(org, mono)
+        if mono - first < ORG_EMPTY_GRACE_S:
+            return
+        del self._empty_orgs[org]
         key = org_envs_key(org)
+        if await self.redis.scard(key) > 0:
+            return
         await self.redis.srem(INDEX_ORGS, org)
         if await self.redis.scard(key) > 0:
             await self.redis.sadd(INDEX_ORGS, org)
