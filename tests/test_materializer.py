@@ -12,6 +12,7 @@ from mollifier.materializer import (
     Outcome,
     is_retryable,
     materialize_batch,
+    materialize_one,
     read_run,
     read_run_by_idempotency_key,
 )
@@ -150,3 +151,12 @@ def test_retryable_classification() -> None:
     assert is_retryable(psycopg.errors.TooManyConnections())
     assert not is_retryable(psycopg.errors.CheckViolation())
     assert not is_retryable(psycopg.errors.UntranslatableCharacter())
+
+
+async def test_materialize_one_through_the_pool(pool: AsyncConnectionPool) -> None:
+    entry = Entry.from_snapshot(snap(idempotency_key="one"))
+    first = await materialize_one(pool, entry)
+    assert first.outcome is Outcome.CREATED
+    assert (await materialize_one(pool, entry)).outcome is Outcome.EXISTS
+    other = await materialize_one(pool, Entry.from_snapshot(snap(idempotency_key="one")))
+    assert other.outcome is Outcome.RESOLVED and other.resolved_run_id == entry.run_id

@@ -436,17 +436,26 @@ def _describe(exc: BaseException) -> str:
     return f"{state}: {text}" if state else f"{type(exc).__name__}: {text}"
 
 
-async def materialize_one(conn: Conn, entry: Entry, *, check: CommitCheck | None = None) -> Result:
+async def materialize_one(
+    target: AsyncConnectionPool | Conn, entry: Entry, *, check: CommitCheck | None = None
+) -> Result:
     """One run: created, already there, resolved to its key's holder, or a
-    SYSTEM_FAILURE row. Raises on a retryable error (nothing was written)."""
+    SYSTEM_FAILURE row. Raises on a retryable error (nothing was written).
+
+    Also the write path for pass-through runs the sidecar writes itself:
+    ``materialize_one(pool, Entry.from_snapshot(snap))``.
+    """
+    if isinstance(target, AsyncConnectionPool):
+        async with target.connection() as conn:
+            return await materialize_one(conn, entry, check=check)
     try:
-        return (await _write(conn, [entry], [row_values(entry)], check))[0]
+        return (await _write(target, [entry], [row_values(entry)], check))[0]
     except LeaseLost:
         raise
     except Exception as exc:
         if is_retryable(exc):
             raise
-        return await _write_failure(conn, entry, _describe(exc), check)
+        return await _write_failure(target, entry, _describe(exc), check)
 
 
 async def materialize_batch(
