@@ -20,6 +20,7 @@ from mollifier.config import Settings
 from mollifier.devstack import PostgresProcess
 from mollifier.drainer import Drainer
 from mollifier.errors import FailedPrecondition
+from mollifier.keys import env_keys
 from mollifier_client.v1 import gate_pb2, run_pb2
 
 _ids = itertools.count(1)
@@ -53,13 +54,18 @@ async def trigger(app: App, req: gate_pb2.TriggerRequest) -> Any:
     return await app.gate.trigger(req, req.snapshot)
 
 
-async def drain(app: App) -> None:
+async def drain(app: App, env: str = "env_w") -> None:
+    """Drain until the env's buffer is empty (backed-off retries included)."""
     d = Drainer(app.settings.replace(drain_enabled=True), app.redis, app.scripts, app.pool)
-    idle = 0
-    for _ in range(500):
-        idle = idle + 1 if await d.tick() == 0 else 0
-        if idle >= 2:
+    k = env_keys(env)
+    for _ in range(2000):
+        await d.tick()
+        depth = 0
+        for key in (k.queue, k.lease, k.retry, k.failed):
+            depth += int(await app.redis.zcard(key))
+        if depth == 0:
             return
+        await asyncio.sleep(0.01)
     raise AssertionError("buffer did not empty")
 
 
