@@ -373,3 +373,16 @@ async def test_cancel_of_a_requeued_run_wins_over_its_committed_row(app: App) ->
     run = await app.buffer.get_run("env_cx", s.run_id)
     assert run.source == run_pb2.RUN_SOURCE_POSTGRES
     assert run.status == run_pb2.RUN_STATUS_CANCELED and run.cancel_reason == "late"
+
+
+async def test_a_stalled_drainer_does_not_commit_after_its_lease(app: App) -> None:
+    ids = await fill(app, (snap("env_z", "org_1") for _ in range(4)), at_once=1)
+    d = drainer(app, drain_lease_ms=300)  # commit margin: 100 ms
+    batch = await d.lease_env("env_z", 10, 300, "zombie")
+    await asyncio.sleep(0.25)  # stalled (GC pause, slow network) past the margin
+    await d.materialize(batch)
+    assert await pg_rows(app, "env_id = 'env_z'") == []
+    await asyncio.sleep(0.1)
+    # The lease ran out: the runs go to the next holder, exactly once.
+    await drain_until_empty(d)
+    assert sorted(r[0] for r in await pg_rows(app, "env_id = 'env_z'")) == sorted(ids)
