@@ -14,7 +14,6 @@ key. Intermediate objects are made as needed by SET, APPEND and INCREMENT.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from mollifier_client.v1 import mutate_pb2
 
 from .errors import InvalidArgument
-from .validation import Violations
+from .validation import Violations, loads_json
 
 __all__ = ["MetadataOp", "apply_operations", "parse_document", "parse_operations"]
 
@@ -90,7 +89,7 @@ def parse_operations(
                 v.add(f"{name}.value_json", "is required")
                 continue
             try:
-                value = json.loads(op.value_json)
+                value = loads_json(op.value_json)
             except ValueError:
                 v.add(f"{name}.value_json", "must be JSON text")
                 continue
@@ -107,7 +106,7 @@ def parse_document(v: Violations, field: str, text: str | bytes) -> dict[str, An
     if not text:
         return {}
     try:
-        doc = json.loads(text)
+        doc = loads_json(text)
     except (ValueError, UnicodeDecodeError):
         v.add(field, "must be a JSON object")
         return None

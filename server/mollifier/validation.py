@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 from mollifier_client.v1 import run_pb2
@@ -26,7 +27,7 @@ from mollifier_client.v1 import run_pb2
 from .config import Settings
 from .errors import InvalidArgument
 
-__all__ = ["Limits", "Violations", "check_snapshot"]
+__all__ = ["Limits", "Violations", "check_snapshot", "loads_json"]
 
 ENV_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 RUN_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
@@ -37,6 +38,15 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_TS_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
 MAX_SHORT = 256
 MAX_EXTRA = 64
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads_json(text: str | bytes) -> Any:
+    """json.loads without NaN and Infinity, which Postgres jsonb refuses."""
+    return json.loads(text, parse_constant=_no_constant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +136,9 @@ class Violations:
             return
         try:
             # Strictly UTF-8: json.loads would also take UTF-16/32 bytes.
-            doc = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+            doc = loads_json(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
         except (ValueError, UnicodeDecodeError):
-            self.add(field, "must be a JSON document (UTF-8)")
+            self.add(field, "must be a JSON document (UTF-8, no NaN or Infinity)")
             return
         if not _jsonb_safe(doc):
             # Postgres jsonb refuses these; the run could never be materialized.
