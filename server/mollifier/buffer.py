@@ -143,8 +143,9 @@ class Buffer:
     def queue_index(self, pipe: Any, org_id: str, env_id: str) -> None:
         """Register the env in the org/env index (beside the script, not in it:
         the index lives in other hash slots)."""
-        pipe.sadd(INDEX_ORGS, org_id)
+        # The env before its org: an org whose env set is seen non-empty is kept.
         pipe.sadd(org_envs_key(org_id), env_id)
+        pipe.sadd(INDEX_ORGS, org_id)
 
     def accepted_run(self, snap: run_pb2.RunSnapshot, created_at_ms: int) -> run_pb2.Run:
         run = run_pb2.Run(
