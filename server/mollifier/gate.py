@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from mollifier_client.v1 import buffer_pb2, gate_pb2, run_pb2
 
+from . import metrics
 from .buffer import RESULT_ACCEPTED, RESULT_BOUND, RESULT_DUP_IDEM, RESULT_DUP_RUN, Buffer
 from .codec import ms_from_ts, now_ms, ts_from_ms
 from .config import Settings
@@ -155,20 +157,23 @@ class Gate:
 
     async def evaluate(self, req: GateRequest) -> Outcome:
         """One decision; never raises for a store failure (FAIL_OPEN instead)."""
+        started = time.perf_counter()
         v = Violations()
         check_gate_request(v, req, task_required=False)
         v.raise_if_any()
         pre = self.pre_decision(req)
         if pre is not None:
-            return pre
+            return metrics.decided(pre, started)
         keys, args = self._evaluate_call(req.env_id)
         try:
             # asyncio.timeout, not wait_for: no extra task per decision.
             async with asyncio.timeout(self.timeout):
                 r = await self.scripts.evaluate(self.redis, keys, args)
         except Exception as exc:  # any Redis trouble: pass through, never block
-            return self._fail_open(exc)
-        return Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]))
+            return metrics.decided(self._fail_open(exc), started)
+        return metrics.decided(
+            Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])), started
+        )
 
     async def evaluate_batch(self, reqs: Sequence[GateRequest]) -> list[Outcome]:
         """Many decisions in one Redis round trip, in order."""
@@ -181,6 +186,7 @@ class Gate:
             for field, desc in sub.items:
                 v.add(f"inputs[{i}].{field}", desc)
         v.raise_if_any()
+        started = time.perf_counter()
         outcomes: list[Outcome | None] = [self.pre_decision(r) for r in reqs]
         todo = [i for i, o in enumerate(outcomes) if o is None]
         if todo:
@@ -202,7 +208,7 @@ class Gate:
                 else:
                     r = results[n]
                     outcomes[i] = Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]))
-        return [o for o in outcomes if o is not None]
+        return [metrics.decided(o, started, "evaluate_batch") for o in outcomes if o is not None]
 
     def _fail_open(self, exc: BaseException) -> Outcome:
         log.warning(
@@ -217,6 +223,7 @@ class Gate:
         With ``write_through`` on the request, a PASS_THROUGH or SHADOW_LOG run
         is written to Postgres by the sidecar too (see ``_write_direct``).
         """
+        started = time.perf_counter()
         v = Violations()
         check_gate_request(v, req, task_required=True)
         v.raise_if_any()
@@ -235,6 +242,7 @@ class Gate:
         # A keyed write-through still asks Redis: the key must be honoured (and
         # bound) whichever path the run takes.
         if pre is not None and not (write_through and snap.idempotency_key):
+            metrics.decided(pre, started, "trigger")
             if write_through:
                 return await self._write_direct(pre, snap, bound=False)
             return TriggerOutcome(pre, snap.run_id, None, False)
@@ -259,12 +267,13 @@ class Gate:
         except Exception as exc:
             # The script may have run before the failure: the caller writes the
             # run with this same run id, and materialization is idempotent on it.
-            failed = self._fail_open(exc)
+            failed = metrics.decided(self._fail_open(exc), started, "trigger")
             if write_through:
                 return await self._write_direct(failed, snap, bound=False)
             return TriggerOutcome(failed, snap.run_id, None, False)
         r = results[0]
         outcome = Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]))
+        metrics.decided(outcome, started, "trigger")
         result = int(r[5])
         if result in (0, RESULT_BOUND) or outcome.reason == gate_pb2.DECISION_REASON_BUFFER_FULL:
             if write_through:
@@ -329,6 +338,7 @@ class Gate:
         self, outcome: Outcome, snap: run_pb2.RunSnapshot, exc: BaseException | None
     ) -> TriggerOutcome:
         """Postgres failed retryably on a direct write: take the run into the buffer."""
+        metrics.direct_write_fallback()
         log.warning(
             "direct write failed; buffering the run",
             extra={

@@ -189,12 +189,23 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-async def start_server(app: App, listen: str | None = None) -> Sidecar:
-    """Build, bind and start the server for ``app``; ``listen`` may use port 0."""
+async def start_server(
+    app: App, listen: str | None = None, *, tracer_provider: Any | None = None
+) -> Sidecar:
+    """Build, bind and start the server for ``app``; ``listen`` may use port 0.
+
+    With ``tracer_provider`` (an OpenTelemetry SDK TracerProvider) every RPC
+    gets a span, rejected ones included.
+    """
     settings = app.settings
     address = listen or settings.listen
     limit = settings.max_payload_bytes + settings.max_metadata_bytes + _MESSAGE_HEADROOM
     interceptors: list[_Interceptor] = []
+    if tracer_provider is not None:
+        from .tracing import server_interceptor
+
+        # First, so a call refused for its token is traced too.
+        interceptors.append(server_interceptor(tracer_provider))
     if settings.auth_token:
         interceptors.append(_AuthInterceptor(settings.auth_token))
     server = grpc.aio.server(
@@ -271,10 +282,18 @@ async def check_redis(redis: Any, settings: Settings) -> list[str]:
 
 async def serve(settings: Settings, *, ready: Callable[[Sidecar], None] | None = None) -> None:
     """Run the sidecar until SIGTERM or SIGINT, then stop gracefully."""
+    from .metrics import MetricsServer, start_metrics
+    from .tracing import tracer_provider_from_env
+
+    provider = tracer_provider_from_env()
+    metrics: MetricsServer | None = None
     app = await App.connect(settings)
     try:
         await check_redis(app.redis, settings)
-        sidecar = await start_server(app)
+        if settings.metrics_listen:
+            metrics = await start_metrics(app, settings.metrics_listen)
+            log.info("metrics serving", extra={"address": metrics.address})
+        sidecar = await start_server(app, tracer_provider=provider)
         log.info(
             "mollifier serving",
             extra={"address": sidecar.address, "settings": settings.redacted()},
@@ -294,7 +313,12 @@ async def serve(settings: Settings, *, ready: Callable[[Sidecar], None] | None =
         log.info("shutting down", extra={"grace_s": grace})
         await sidecar.stop(grace)
     finally:
+        if metrics is not None:
+            await metrics.stop()
         await app.close()
+        if provider is not None:
+            # Flushes the spans still batched for export.
+            provider.shutdown()
     log.info("stopped")
 
 
