@@ -38,12 +38,12 @@ __all__ = [
     "LeaseLost",
     "Outcome",
     "Result",
+    "copy_text",
     "is_retryable",
     "materialize_batch",
     "materialize_one",
     "read_run",
     "read_run_by_idempotency_key",
-    "copy_text",
     "row_values",
 ]
 
@@ -250,7 +250,8 @@ def row_values(entry: Entry, *, now: int | None = None, error: str = "") -> tupl
 # values as row_values(), but the two bytea columns come last so the rest of
 # a row can be checked for characters COPY needs escaped in one pass.
 
-_COPY_COLUMNS = tuple(n for n in COLUMN_NAMES if n not in ("payload", "snapshot")) + (
+_COPY_COLUMNS = (
+    *(n for n in COLUMN_NAMES if n not in ("payload", "snapshot")),
     "payload",
     "snapshot",
 )
