@@ -1,9 +1,14 @@
-"""The ``mollifier`` command: serve, migrate and dev (later: status, inspect, drain).
+"""The ``mollifier`` command: serve, migrate, dev, and the operator's commands.
 
 Each subcommand is one ``_cmd_*`` function taking the parsed arguments and
 returning an exit code; adding a command is a parser entry plus one function.
 Settings always come from ``MOLLIFIER_*`` variables (listed by ``--help``), so
 the command line and a container's environment configure the same thing.
+
+``status``, ``inspect`` and ``drain ...`` talk to a running sidecar through the
+bundled Python client (``mollifier_client``); they live in ``ops.py`` and share
+the exit codes below, so a script can tell "sidecar down" from "sidecar up but
+its Redis is not".
 """
 
 from __future__ import annotations
@@ -27,6 +32,15 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+# The operator commands' codes are defined in ops.py; listed here for --help.
+EXIT_CODES_HELP = """exit codes:
+  0  done
+  1  failed (serve/dev/migrate could not start, an unexpected error)
+  2  bad setting or bad arguments
+  3  the sidecar cannot be reached (not running, wrong --target, TLS mismatch)
+  4  the sidecar refused the call (bad token, unknown run, bad argument)
+  5  the sidecar is up but cannot reach Redis or Postgres
+  6  drain wait: --timeout passed before the buffer was empty"""
 
 
 def _settings_help() -> str:
@@ -36,7 +50,7 @@ def _settings_help() -> str:
     for name, default, description in rows:
         shown = default if default else '""'
         lines.append(f"  {name:<{width}}  {description} [default: {shown}]")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + EXIT_CODES_HELP
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=epilog,
         formatter_class=fmt,
     )
+    from .ops import add_commands
+
+    add_commands(sub, EXIT_CODES_HELP)
     return parser
 
 
@@ -208,8 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     from .server import StartupError
 
+    handler = getattr(args, "handler", None) or _COMMANDS[args.command]
     try:
-        return _COMMANDS[args.command](args)
+        return int(handler(args))
     except ConfigError as exc:
         print(f"mollifier: bad setting: {exc}", file=sys.stderr)
         return EXIT_CONFIG
