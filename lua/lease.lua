@@ -25,8 +25,10 @@
     ARGV[6] most expired / due runs moved back per call (bounds the script's work)
 
   Output: { nowMs, deadlineMs, reclaimed, deadLettered, entries }
-    entries: { {runId, s, sc, ca, at, cx, cr, ik, org, le}, ... } in queue order,
-    `at` already counting this lease
+    entries: one flat list, 7 values per run in queue order:
+    runId, s, ca, at, cx, cr, le (`at` already counting this lease; a field
+    that is not set is returned as false, i.e. nil). Flat and only what a
+    holder needs: the reply is built and parsed once per run, not per table.
 ]]
 local rcall = redis.call
 local queueKey, leaseKey, retryKey, failedKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -81,16 +83,22 @@ if want > 0 then
     local leased = {}
     for _, runId in ipairs(ids) do
       local runKey = prefix .. runId
-      local f = rcall("HMGET", runKey, "s", "sc", "ca", "at", "cx", "cr", "ik", "org", "le", "v")
+      local f = rcall("HMGET", runKey, "s", "ca", "at", "cx", "cr", "le", "v")
       -- A queue ref whose hash is gone (should not happen): dropped, never leased.
       if f[1] then
-        local at = (tonumber(f[4]) or 0) + 1
+        local at = (tonumber(f[3]) or 0) + 1
         rcall("HSET", runKey, "st", "D", "lt", token, "ld", deadline, "at", at,
-          "v", (tonumber(f[10]) or 0) + 1)
+          "v", (tonumber(f[7]) or 0) + 1)
         leased[#leased + 1] = deadline
         leased[#leased + 1] = runId
-        entries[#entries + 1] = { runId, f[1], f[2] or "0", f[3] or "0", at,
-          f[5] or "", f[6] or "", f[7] or "", f[8] or "", f[9] or "" }
+        local n = #entries
+        entries[n + 1] = runId
+        entries[n + 2] = f[1]
+        entries[n + 3] = f[2]
+        entries[n + 4] = at
+        entries[n + 5] = f[4]
+        entries[n + 6] = f[5]
+        entries[n + 7] = f[6]
       end
     end
     -- ZADD takes at most a few thousand arguments comfortably; batches are <= 1000.

@@ -71,7 +71,10 @@ def _text(v: Any) -> str:
 def _int(v: Any) -> int:
     if v is None or v in (b"", ""):
         return 0
-    return int(float(v))
+    try:
+        return int(v)
+    except ValueError:
+        return int(float(v))
 
 
 @dataclass(slots=True)
@@ -80,13 +83,10 @@ class LeasedRun:
 
     run_id: str
     raw: bytes
-    score: str
     accepted_ms: int
     attempts: int
     canceled_ms: int
     cancel_reason: str
-    idem: str
-    org_id: str
     last_error: str
 
 
@@ -518,19 +518,19 @@ class Drainer:
         batch.reclaimed, batch.dead_lettered = int(r[2]), int(r[3])
         self.dead_lettered_total += batch.dead_lettered
         self.failed_total += batch.dead_lettered
-        for e in r[4]:
-            batch.runs.append(
+        flat = r[4]
+        runs = batch.runs
+        for i in range(0, len(flat), 7):
+            run_id, raw, ca, at, cx, cr, le = flat[i : i + 7]
+            runs.append(
                 LeasedRun(
-                    run_id=_text(e[0]),
-                    raw=bytes(e[1]),
-                    score=_text(e[2]),
-                    accepted_ms=_int(e[3]),
-                    attempts=_int(e[4]),
-                    canceled_ms=_int(e[5]),
-                    cancel_reason=_text(e[6]),
-                    idem=_text(e[7]),
-                    org_id=_text(e[8]),
-                    last_error=_text(e[9]),
+                    run_id.decode(),
+                    raw,
+                    _int(ca),
+                    _int(at),
+                    _int(cx) if cx else 0,
+                    cr.decode() if cr else "",
+                    le.decode() if le else "",
                 )
             )
         return batch
@@ -542,9 +542,10 @@ class Drainer:
         if not runs:
             return 0, []
         k = env_keys(env_id)
+        ids = " ".join([run_id for run_id, _ in runs])
+        resolved = " ".join([f"{run_id} {to}" for run_id, to in runs if to])
         args: list[Any] = [k.run_prefix, k.idem_prefix, token, self.settings.idempotency_ttl_ms]
-        for run_id, resolved in runs:
-            args.extend((run_id, resolved))
+        args += (ids, resolved)
         r = await self.scripts.ack(self.redis, [k.lease], args)
         return int(r[0]), [_text(x) for x in r[1]]
 
