@@ -279,6 +279,9 @@ def copy_text(entries: Sequence[Entry], now: int) -> str:
     """The batch as COPY text, columns in ``_COPY_COLUMNS`` order."""
     lines: list[str] = []
     append = lines.append
+    # Runs of a batch mostly share their tags and extra: render each set once.
+    tag_texts: dict[tuple[str, ...], str] = {(): "{}"}
+    extra_texts: dict[tuple[tuple[str, str], ...], str] = {(): "{}"}
     for entry in entries:
         s = entry.snapshot
         delay_ms = ms_from_ts(s.delay_until) if s.HasField("delay_until") else 0
@@ -290,8 +293,14 @@ def copy_text(entries: Sequence[Entry], now: int) -> str:
             status = STATUS_PENDING
         key = s.idempotency_key
         batch_id = s.batch_id
-        tags = s.tags
-        extra = s.extra
+        tags = tuple(s.tags)
+        tags_t = tag_texts.get(tags)
+        if tags_t is None:
+            tags_t = tag_texts[tags] = _array_literal(tags)
+        extra = tuple(s.extra.items())
+        extra_t = extra_texts.get(extra)
+        if extra_t is None:
+            extra_t = extra_texts[extra] = json.dumps(dict(extra))
         texts = [
             s.run_id,
             s.env_id,
@@ -299,7 +308,7 @@ def copy_text(entries: Sequence[Entry], now: int) -> str:
             s.task_identifier,
             s.payload_type,
             key,
-            _array_literal(tags) if tags else "{}",
+            tags_t,
             s.metadata.decode("utf-8", "replace") if s.metadata else "",
             s.metadata_type,
             s.queue,
@@ -310,7 +319,7 @@ def copy_text(entries: Sequence[Entry], now: int) -> str:
             batch_id,
             s.trace_id,
             s.span_id,
-            json.dumps(dict(extra)) if extra else "{}",
+            extra_t,
             entry.cancel_reason,
         ]
         if _COPY_SPECIAL.search("\x00".join(texts)):
