@@ -33,6 +33,7 @@ from mollifier_client.v1 import (
 
 from .app import App
 from .config import Settings
+from .decoding import DecodeGuard
 from .drain_service import DrainServicer
 from .services import BufferServicer, GateServicer, MutateServicer
 
@@ -208,6 +209,8 @@ async def start_server(
         interceptors.append(server_interceptor(tracer_provider))
     if settings.auth_token:
         interceptors.append(_AuthInterceptor(settings.auth_token))
+    # Last: an undecodable request is INVALID_ARGUMENT, not UNKNOWN (after auth).
+    interceptors.append(DecodeGuard(SERVICE_NAMES))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
