@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 __all__ = ["Script", "Scripts", "load_scripts", "script_names"]
@@ -90,7 +91,13 @@ class Scripts:
         """Run ``build(pipe)`` as one pipeline; on NOSCRIPT load all and run it again.
 
         Commands queued beside scripts must be safe to repeat (SADD, GET ...).
+        On a Redis Cluster client the commands run one by one, in order:
+        redis-py refuses EVALSHA inside a cluster pipeline.
         """
+        if isinstance(client, RedisCluster):
+            seq = _Sequential(client, {s.sha: s for s in self.by_name.values()})
+            build(seq)
+            return await seq.execute()
         for attempt in (0, 1):
             pipe = client.pipeline(transaction=False)
             build(pipe)
@@ -103,6 +110,37 @@ class Scripts:
                     raise r
             return results
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _Sequential:
+    """Stands in for a pipeline on a cluster client: records the queued calls
+    and runs them one at a time, each routed to its own slot's master. A
+    script the node does not know (NOSCRIPT, e.g. a promoted replica) is loaded
+    there and that one call is retried, so nothing that ran is run twice."""
+
+    def __init__(self, client: Any, by_sha: dict[str, Script]) -> None:
+        self._client = client
+        self._by_sha = by_sha
+        self._calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def record(*args: Any, **kwargs: Any) -> _Sequential:
+            self._calls.append((name, args, kwargs))
+            return self
+
+        return record
+
+    async def execute(self) -> list[Any]:
+        results: list[Any] = []
+        for name, args, kwargs in self._calls:
+            if name == "evalsha":
+                script = self._by_sha[args[0]]
+                results.append(
+                    await script(self._client, args[2 : 2 + args[1]], args[2 + args[1] :])
+                )
+            else:
+                results.append(await getattr(self._client, name)(*args, **kwargs))
+        return results
 
 
 _cached: Scripts | None = None
