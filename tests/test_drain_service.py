@@ -76,7 +76,8 @@ async def test_lease_ack_status_and_errors(served: tuple[App, Sidecar]) -> None:
         assert retried.retried == 1
 
         paused = await stub.Pause(drain_pb2.PauseRequest(reason="deploy"))
-        assert paused.state == drain_pb2.DRAIN_STATE_DISABLED  # external: never runs here
+        # The pause flag is shared: every drainer on this Redis is paused.
+        assert paused.state == drain_pb2.DRAIN_STATE_PAUSED
         await stub.Resume(drain_pb2.ResumeRequest())
 
         with pytest.raises(grpc.aio.AioRpcError) as err:

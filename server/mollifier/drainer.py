@@ -321,13 +321,15 @@ class Drainer:
         """Pause every sidecar's drainer on this Redis (shared key)."""
         await self.redis.set(DRAIN_PAUSED, reason or "paused")
         self._paused_cache = (0.0, True)
-        return await self.state()
+        # The flag is shared: every drainer on this Redis is paused now, even
+        # when this sidecar runs none itself.
+        return drain_pb2.DRAIN_STATE_PAUSED
 
     async def resume(self) -> int:
         await self.redis.delete(DRAIN_PAUSED)
         self._paused_cache = (0.0, False)
         self._wake.set()
-        return await self.state()
+        return drain_pb2.DRAIN_STATE_RUNNING
 
     async def state(self) -> int:
         if not self.enabled:

@@ -183,5 +183,9 @@ def grpc_errors(method: F) -> F:
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: MollifierError) -> NoReturn:
+    # The code and details are set first too, so interceptors that only watch
+    # set_code (tracing) see the failure.
+    context.set_code(err.code)
+    context.set_details(err.message)
     await context.abort_with_status(to_status(err))  # type: ignore[attr-defined]
     raise AssertionError("abort_with_status returned")  # pragma: no cover

@@ -170,7 +170,7 @@ class Gate:
             async with asyncio.timeout(self.timeout):
                 r = await self.scripts.evaluate(self.redis, keys, args)
         except Exception as exc:  # any Redis trouble: pass through, never block
-            return metrics.decided(self._fail_open(exc), started)
+            return metrics.decided(self._fail_open(exc, req.env_id), started)
         return metrics.decided(
             Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])), started
         )
@@ -210,10 +210,10 @@ class Gate:
                     outcomes[i] = Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]))
         return [metrics.decided(o, started, "evaluate_batch") for o in outcomes if o is not None]
 
-    def _fail_open(self, exc: BaseException) -> Outcome:
+    def _fail_open(self, exc: BaseException, env_id: str = "") -> Outcome:
         log.warning(
             "gate failing open",
-            extra={"error": type(exc).__name__, "reason": "FAIL_OPEN"},
+            extra={"env_id": env_id, "error": type(exc).__name__, "reason": "FAIL_OPEN"},
         )
         return Outcome(PASS_THROUGH, gate_pb2.DECISION_REASON_FAIL_OPEN)
 
@@ -267,7 +267,7 @@ class Gate:
         except Exception as exc:
             # The script may have run before the failure: the caller writes the
             # run with this same run id, and materialization is idempotent on it.
-            failed = metrics.decided(self._fail_open(exc), started, "trigger")
+            failed = metrics.decided(self._fail_open(exc, snap.env_id), started, "trigger")
             if write_through:
                 return await self._write_direct(failed, snap, bound=False)
             return TriggerOutcome(failed, snap.run_id, None, False)

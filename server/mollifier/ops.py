@@ -299,23 +299,15 @@ def _inspect(args: argparse.Namespace, client: Client) -> int:
 
 
 def _pause(args: argparse.Namespace, client: Client) -> int:
-    resp = client.pause(reason=args.reason or "")
-    print("drainers paused" + _own(resp.state))
+    client.pause(reason=args.reason or "")
+    print("drainers paused")
     return EXIT_OK
 
 
 def _resume(args: argparse.Namespace, client: Client) -> int:
-    resp = client.resume()
-    print("drainers resumed" + _own(resp.state))
+    client.resume()
+    print("drainers resumed")
     return EXIT_OK
-
-
-def _own(state: int) -> str:
-    # Pause is kept in Redis and holds every sidecar on it, even when the one
-    # asked runs no drainer itself: say so rather than print "disabled".
-    if state == drain_pb2.DRAIN_STATE_DISABLED:
-        return " (this sidecar runs no built-in drainer; the others on its Redis obey)"
-    return ""
 
 
 def _failed(args: argparse.Namespace, client: Client) -> int:
