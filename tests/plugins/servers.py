@@ -108,8 +108,9 @@ def database_url(pg_server: PostgresProcess) -> Iterator[str]:
     with psycopg.connect(pg_server.url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     yield pg_server.url.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(pg_server.url, autocommit=True) as conn, contextlib.suppress(
-        psycopg.Error
+    with (
+        psycopg.connect(pg_server.url, autocommit=True) as conn,
+        contextlib.suppress(psycopg.Error),
     ):
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
