@@ -59,7 +59,7 @@ BAD_SNAPSHOTS: list[tuple[str, dict[str, Any], str]] = [
     ("metadata nul escape", {"metadata": b'{"a": "x\\u0000y"}'}, "metadata"),
     ("metadata lone surrogate", {"metadata": b'["\\ud800"]'}, "metadata"),
     ("metadata NaN", {"metadata": b'{"a": NaN}'}, "metadata"),
-    ("metadata Infinity", {"metadata": b'[-Infinity]'}, "metadata"),
+    ("metadata Infinity", {"metadata": b"[-Infinity]"}, "metadata"),
     ("metadata too big", {"metadata": b'{"k": "' + b"v" * 64 + b'"}'}, "metadata"),
     ("too many tags", {"tags": ["a", "b", "c", "d", "e"]}, "tags"),
     ("tag too long", {"tags": ["t" * 129]}, "tags[0]"),
