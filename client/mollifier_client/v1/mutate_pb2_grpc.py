@@ -26,8 +26,11 @@ if _version_not_supported:
 
 
 class MutateServiceStub:
-    """MutateService changes runs that may still be buffered: Postgres first when the
-    run is materialized, else the buffered snapshot by compare-and-set.
+    """MutateService changes runs that may still be buffered: Postgres when the run is
+    materialized, else the buffered snapshot by compare-and-set. A run being
+    drained is waited for (MOLLIFIER_MUTATION_WAIT_MS), then changed where it
+    landed; past the wait the answer is UNAVAILABLE with reason RUN_DRAINING, and
+    nothing was changed. Another env's run is NOT_FOUND.
     """
 
     def __init__(self, channel):
@@ -69,19 +72,24 @@ class MutateServiceStub:
 
 
 class MutateServiceServicer:
-    """MutateService changes runs that may still be buffered: Postgres first when the
-    run is materialized, else the buffered snapshot by compare-and-set.
+    """MutateService changes runs that may still be buffered: Postgres when the run is
+    materialized, else the buffered snapshot by compare-and-set. A run being
+    drained is waited for (MOLLIFIER_MUTATION_WAIT_MS), then changed where it
+    landed; past the wait the answer is UNAVAILABLE with reason RUN_DRAINING, and
+    nothing was changed. Another env's run is NOT_FOUND.
     """
 
     def CancelRun(self, request, context):
-        """CancelRun cancels a run; a buffered run is materialized as CANCELED.
+        """CancelRun cancels a run; a buffered run is materialized as CANCELED. A run
+        already CANCELED or SYSTEM_FAILURE answers already_final and is not changed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RescheduleRun(self, request, context):
-        """RescheduleRun moves a DELAYED run's delay_until.
+        """RescheduleRun moves a DELAYED run's delay_until; any other run answers
+        FAILED_PRECONDITION with reason RUN_NOT_DELAYED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,14 +110,17 @@ class MutateServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResetIdempotencyKey(self, request, context):
-        """ResetIdempotencyKey clears a key's binding in both stores.
+        """ResetIdempotencyKey clears a key's binding in both stores, or in neither:
+        NOT_FOUND only when both answered and neither held the key, UNAVAILABLE when
+        a store could not be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReplayRun(self, request, context):
-        """ReplayRun creates a new run from an old run's snapshot.
+        """ReplayRun creates a new run from an old run's snapshot (without its
+        idempotency key) through the normal trigger path, written by the sidecar.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,8 +168,11 @@ def add_MutateServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MutateService:
-    """MutateService changes runs that may still be buffered: Postgres first when the
-    run is materialized, else the buffered snapshot by compare-and-set.
+    """MutateService changes runs that may still be buffered: Postgres when the run is
+    materialized, else the buffered snapshot by compare-and-set. A run being
+    drained is waited for (MOLLIFIER_MUTATION_WAIT_MS), then changed where it
+    landed; past the wait the answer is UNAVAILABLE with reason RUN_DRAINING, and
+    nothing was changed. Another env's run is NOT_FOUND.
     """
 
     @staticmethod
