@@ -26,7 +26,9 @@ def make_redis(settings: Settings) -> Any:
         "health_check_interval": 30,
     }
     if settings.redis_cluster:
-        return RedisCluster.from_url(settings.redis_url, **common)
+        # Per node; redis-py's default (100) fails a burst's 101st concurrent
+        # call with MaxConnectionsError instead of waiting. Same width as below.
+        return RedisCluster.from_url(settings.redis_url, max_connections=512, **common)
     # A burst wider than the pool waits for a free connection instead of failing
     # with "Too many connections"; callers bound the wait with their own timeouts.
     pool = aioredis.BlockingConnectionPool.from_url(
