@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -160,3 +161,62 @@ async def test_materialize_one_through_the_pool(pool: AsyncConnectionPool) -> No
     assert (await materialize_one(pool, entry)).outcome is Outcome.EXISTS
     other = await materialize_one(pool, Entry.from_snapshot(snap(idempotency_key="one")))
     assert other.outcome is Outcome.RESOLVED and other.resolved_run_id == entry.run_id
+
+
+TAGS = ["tab\there", "a,b", "NULL", "x\\y", '{"q"}', "日本"]
+EXTRA = {"k\t1": "v\nw", 'quote"d': "back\\slash"}
+AWKWARD = "tab\there, new\nline, back\\slash, \"quote\", 'single', {brace}, [x], é, 日本, \\N"
+
+
+async def test_copy_and_insert_write_awkward_text_identically(
+    pool: AsyncConnectionPool,
+) -> None:
+    """The COPY fast path builds its text by hand: it must store exactly what
+    the one-row INSERT stores, for every character COPY treats specially."""
+
+    def awkward(run_id: str) -> run_pb2.RunSnapshot:
+        s = snap(
+            run_id=run_id,
+            payload=bytes(range(256)),
+            payload_type=AWKWARD[:200],
+            metadata=json.dumps({"k": AWKWARD, "n": [1, 2.5, None, True]}).encode(),
+            queue=AWKWARD[:50],
+            concurrency_key="",
+            idempotency_key=AWKWARD,
+        )
+        del s.tags[:]
+        s.tags.extend(TAGS)
+        s.extra.clear()
+        s.extra.update(EXTRA)
+        return s
+
+    copied = awkward("run_awk_copy")
+    inserted = awkward("run_awk_insert")
+    inserted.idempotency_key = AWKWARD + "-2"  # the key is unique per task
+    results = await materialize_batch(pool, [Entry.from_snapshot(copied, now_ms())])
+    assert results[0].outcome is Outcome.CREATED
+    async with pool.connection() as conn:
+        one = await materialize_one(conn, Entry.from_snapshot(inserted, now_ms()))
+        assert one.outcome is Outcome.CREATED
+        cur = await conn.execute(
+            "SELECT * FROM mollifier.runs WHERE run_id = ANY(%s) ORDER BY run_id",
+            (["run_awk_copy", "run_awk_insert"],),
+        )
+        names = [d.name for d in cur.description or []]
+        rows = [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
+    by_id = {r["run_id"]: r for r in rows}
+    a, b = by_id["run_awk_copy"], by_id["run_awk_insert"]
+    skip = {"run_id", "idempotency_key", "snapshot", "created_at", "materialized_at"}
+    for name in names:
+        if name not in skip:
+            assert a[name] == b[name], name
+    assert bytes(a["payload"]) == bytes(range(256))
+    assert a["tags"] == TAGS
+    assert a["extra"] == EXTRA
+    assert a["idempotency_key"] == AWKWARD
+    got = await read_run(pool, "env_a", "run_awk_copy")
+    assert got is not None
+    # jsonb keeps the document, not its spelling: compare metadata as JSON.
+    assert json.loads(got.snapshot.metadata) == json.loads(copied.metadata)
+    got.snapshot.metadata = copied.metadata
+    assert got.snapshot == copied
