@@ -578,3 +578,25 @@ async def test_mutations_over_grpc(app: App, stubs: Stubs) -> None:
             mutate_pb2.AddTagsRequest(env_id=env, run_id=run, request_id="g6", tags=["b"])
         )
     assert e5.value.code() == grpc.StatusCode.DATA_LOSS
+
+
+async def test_kept_answers_are_pruned_after_the_retry_window(app: App) -> None:
+    env, m = "env_prune", app.mutations
+    run_id = await put(app, env)
+    await drain_all(app)
+    first = rid()
+    await m.add_tags(env, run_id, first, ["a"])
+    assert app.pool is not None
+    async with app.pool.connection() as conn:
+        await conn.execute(
+            "UPDATE mollifier.mutation_requests SET created_at = now() - interval '2 days' "
+            "WHERE env_id = %s AND request_id = %s",
+            (env, first),
+        )
+    await m.add_tags(env, run_id, rid(), ["b"])
+    assert await m.prune_requests() == 1
+    async with app.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT request_id FROM mollifier.mutation_requests WHERE env_id = %s", (env,)
+        )
+        assert len(await cur.fetchall()) == 1

@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -73,6 +74,8 @@ POSTGRES = mutate_pb2.MUTATION_TARGET_POSTGRES
 
 # How long a call's answer is kept for retries with the same request id.
 REQUEST_TTL_MS = 86_400_000
+# How often (at most) kept answers older than REQUEST_TTL_MS are deleted.
+PRUNE_EVERY_S = 600.0
 # Compare-and-set rounds before giving up with a retryable error; 100 writers
 # on one run each need at most ~100 rounds.
 MAX_ROUNDS = 2000
@@ -175,8 +178,40 @@ class Mutations:
         self.buffer = buffer
         self.gate = gate
         self.limits = Limits.from_settings(settings)
+        self._pruned_at = time.monotonic()
+        self._background: set[asyncio.Task[Any]] = set()
 
     # -- kept answers ----------------------------------------------------------
+
+    async def prune_requests(self, older_than_ms: int = REQUEST_TTL_MS) -> int:
+        """Forget Postgres-kept answers older than the retry window; returns how many."""
+        if self.pool is None:
+            return 0
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM mollifier.mutation_requests "
+                "WHERE created_at < now() - make_interval(secs => %s)",
+                (older_than_ms / 1000,),
+            )
+            return cur.rowcount
+
+    def _maybe_prune(self) -> None:
+        """Prune at most once per PRUNE_EVERY_S, off the caller's path: Redis
+        expires its copies by itself, the table would otherwise only grow."""
+        now = time.monotonic()
+        if now - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = now
+
+        async def prune() -> None:
+            try:
+                await self.prune_requests()
+            except Exception as exc:  # best effort; the next window tries again
+                log.warning("pruning kept answers failed: %s", type(exc).__name__)
+
+        task = asyncio.create_task(prune())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _kept(self, env_id: str, request_id: str, kind: str, cls: type[R]) -> R | None:
         """The answer kept for this request id, from either store.
@@ -230,6 +265,7 @@ class Mutations:
         return _unpack(kind, row[0], cls)
 
     async def _store_pg(self, conn: Any, env_id: str, request_id: str, answer: bytes) -> None:
+        self._maybe_prune()
         await conn.execute(
             "UPDATE mollifier.mutation_requests SET response = %s "
             "WHERE env_id = %s AND request_id = %s",
