@@ -80,7 +80,8 @@ class App:
     async def start_background(self) -> None:
         """Start the background loops (total-depth refresh, drainer)."""
         self._tasks.append(asyncio.create_task(self.buffer.refresh_total_loop()))
-        if self.drainer.enabled:
+        # With remote_key set the loop runs in the drain process instead.
+        if self.drainer.enabled and self.drainer.remote_key is None:
             self.drainer.start()
 
     async def close(self, grace: float | None = None) -> None:

@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog=epilog,
         formatter_class=fmt,
     )
+    # Internal: the children `serve` starts (supervisor.py); not listed in --help.
+    from .supervisor import DRAIN_COMMAND, WORKER_COMMAND
+
+    for internal in (DRAIN_COMMAND, WORKER_COMMAND):
+        child = sub.add_parser(internal)
+        child.add_argument("--instance", required=True)
     from .ops import add_commands
 
     add_commands(sub, EXIT_CODES_HELP)
@@ -112,6 +118,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         raise ConfigError("MOLLIFIER_REDIS_URL is not set (or use `mollifier dev`)")
     run(serve(settings))
+    return EXIT_OK
+
+
+def _cmd_drain_process(args: argparse.Namespace) -> int:
+    from .server import run
+    from .supervisor import drain_main
+
+    settings = _load_settings()
+    _setup_logs(settings)
+    run(drain_main(settings, args.instance))
+    return EXIT_OK
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from .server import run
+    from .supervisor import worker_main
+
+    settings = _load_settings()
+    _setup_logs(settings)
+    run(worker_main(settings, args.instance))
     return EXIT_OK
 
 
@@ -214,6 +240,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": _cmd_serve,
     "migrate": _cmd_migrate,
     "dev": _cmd_dev,
+    "_drain-process": _cmd_drain_process,
+    "_worker": _cmd_worker,
 }
 
 

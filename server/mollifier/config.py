@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ConfigError", "Settings", "settings_table"]
+__all__ = ["ConfigError", "Settings", "settings_env", "settings_table"]
 
 PREFIX = "MOLLIFIER_"
 
@@ -78,6 +78,11 @@ class Settings:
     max_metadata_bytes: int = _setting(262_144, "Largest metadata document accepted.", minimum=2)
     max_tags: int = _setting(64, "Most tags one run may carry.", minimum=1)
     drain_enabled: bool = _setting(True, "Run the built-in drainer inside `mollifier serve`.")
+    drain_process: bool = _setting(
+        True,
+        "Run the built-in drainer in a child process of `mollifier serve` (restarted if it "
+        "dies), so its CPU work does not slow the gRPC gate; false: in the serving process.",
+    )
     drain_sink: str = _setting(
         "postgres",
         "Where buffered runs go: `postgres` (built-in drainer) or `external` (Lease/Ack only).",
@@ -115,6 +120,12 @@ class Settings:
     tls_cert_file: str = _setting("", "PEM certificate; with the key, serve TLS.")
     tls_key_file: str = _setting("", "PEM private key for the certificate.")
     tls_client_ca_file: str = _setting("", "PEM CA bundle; when set, clients must present certs.")
+    workers: int = _setting(
+        1,
+        "gRPC server processes sharing MOLLIFIER_LISTEN's port (SO_REUSEPORT, Linux); "
+        "above 1 the port must be fixed and the drainer runs in its own process.",
+        minimum=1,
+    )
     metrics_listen: str = _setting(
         "", "host:port for Prometheus metrics (e.g. 127.0.0.1:9464); empty: off."
     )
@@ -159,6 +170,8 @@ class Settings:
             if minimum is not None and value < minimum:
                 raise ConfigError(f"{PREFIX}{f.name.upper()}={value}: must be at least {minimum}")
         _check_hostport("MOLLIFIER_LISTEN", self.listen)
+        if self.workers > 1 and self.listen.rpartition(":")[2] == "0":
+            raise ConfigError("MOLLIFIER_WORKERS above 1 needs a fixed port in MOLLIFIER_LISTEN")
         if self.metrics_listen:
             _check_hostport("MOLLIFIER_METRICS_LISTEN", self.metrics_listen)
         if self.drain_sink not in ("postgres", "external"):
@@ -218,6 +231,15 @@ def _mask_password(url: str) -> str:
     creds, _, host = rest.rpartition("@")
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``MOLLIFIER_*`` variables that make ``Settings.from_env`` give ``settings`` back."""
+    out = {}
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        out[PREFIX + f.name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    return out
 
 
 def settings_table() -> list[tuple[str, str, str]]:

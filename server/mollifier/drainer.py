@@ -199,6 +199,9 @@ class Drainer:
         self._leased_since_check = 0
         self._empty_orgs: dict[str, float] = {}
         self._paused_cache: tuple[float, bool] = (0.0, False)
+        # Set when the drain loop runs in another process (the drain process):
+        # the Redis hash it publishes its counters to (see supervisor.py).
+        self.remote_key: str | None = None
 
     # -- configuration ---------------------------------------------------------
 
@@ -892,6 +895,13 @@ class Drainer:
 
     # -- status ----------------------------------------------------------------
 
+    async def remote_counters(self) -> dict[str, float]:
+        """What the drain process published (empty when the loop runs here)."""
+        if not self.remote_key:
+            return {}
+        raw = await self.redis.hgetall(self.remote_key)
+        return {_text(k): float(_text(v)) for k, v in raw.items()}
+
     async def status(self, org_id: str = "") -> drain_pb2.GetStatusResponse:
         """State, depth per org and env, oldest age, in flight and counts."""
         if org_id:
@@ -901,11 +911,12 @@ class Drainer:
             orgs = [org_id]
         else:
             orgs = sorted(_text(o) for o in await self.redis.smembers(INDEX_ORGS))
+        remote = await self.remote_counters()
         resp = drain_pb2.GetStatusResponse(
             state=await self.state(),  # type: ignore[arg-type]
-            materialized_total=self.materialized_total,
-            failed_total=self.failed_total,
-            stale_entries=self.stale_entries,
+            materialized_total=self.materialized_total + int(remote.get("materialized", 0)),
+            failed_total=self.failed_total + int(remote.get("failed", 0)),
+            stale_entries=self.stale_entries + int(remote.get("stale_entries", 0)),
         )
         now = now_ms()
         oldest_all = now

@@ -13,6 +13,7 @@ lag the queues but never loses an env for longer than one repair pass.
 from __future__ import annotations
 
 __all__ = [
+    "DRAIN_COUNTERS_PREFIX",
     "DRAIN_PAUSED",
     "INDEX_ORGS",
     "STATS_TOTAL_DEPTH",
@@ -27,6 +28,8 @@ PREFIX = "mf"
 INDEX_ORGS = f"{PREFIX}:idx:orgs"
 # STRING: present while an operator has paused the built-in drainers.
 DRAIN_PAUSED = f"{PREFIX}:drain:paused"
+# HASH per sidecar instance: the counters its drain process publishes (with a TTL).
+DRAIN_COUNTERS_PREFIX = f"{PREFIX}:drain:counters:"
 # STRING: the whole buffer's depth, recomputed by the drainer's sweep.
 STATS_TOTAL_DEPTH = f"{PREFIX}:stats:depth"
 

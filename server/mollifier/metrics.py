@@ -38,7 +38,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from .codec import now_ms
@@ -55,6 +55,7 @@ __all__ = [
     "AppCollector",
     "BufferStats",
     "MetricsServer",
+    "batch_histogram",
     "decided",
     "direct_write_fallback",
     "instrument_drainer",
@@ -148,6 +149,8 @@ class _Forward(Collector):
 # answer is served.
 MAX_ENVS = 10_000
 REFRESH_TIMEOUT_S = 2.0
+# Buckets of mollifier_drain_batch_seconds (the drain process publishes the same).
+BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MIN_REFRESH_INTERVAL_S = 1.0
 
 
@@ -166,6 +169,8 @@ class BufferStats:
     drain_state: int = drain_pb2.DRAIN_STATE_UNSPECIFIED
     redis_up: bool = False
     refreshed_at: float = 0.0
+    # The drain process's published counters (empty when the drainer runs here).
+    remote: dict[str, float] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def refresh(self) -> None:
@@ -217,6 +222,11 @@ class BufferStats:
         self.envs = len(envs)
         self.oldest_age_s = max(0, now - oldest) / 1000
         self.drain_state = await self.app.drainer.state()
+        self.remote = await self.app.drainer.remote_counters()
+
+
+def _le(bound: float | str) -> str:
+    return bound if isinstance(bound, str) else repr(float(bound))
 
 
 def _text(v: Any) -> str:
@@ -284,6 +294,16 @@ def instrument_drainer(drainer: Drainer, counters: DrainCounters) -> Callable[[]
     return undo
 
 
+def batch_histogram(registry: CollectorRegistry) -> Histogram:
+    """mollifier_drain_batch_seconds, registered in ``registry``."""
+    return Histogram(
+        "mollifier_drain_batch_seconds",
+        "Time to write one leased batch to Postgres and settle it in Redis.",
+        buckets=BATCH_BUCKETS,
+        registry=registry,
+    )
+
+
 class AppCollector(Collector):
     """The App's buffer and drain numbers, as of the last ``BufferStats.refresh``."""
 
@@ -336,36 +356,58 @@ class AppCollector(Collector):
         yield state
 
         d = self.app.drainer
+        # Counted here (external acks) plus what the drain process published.
+        r = s.remote
+
+        def both(local: float, name: str) -> float:
+            return local + r.get(name, 0.0)
+
+        materialized = both(d.materialized_total, "materialized")
+        failed = both(d.failed_total, "failed")
+        dead = both(d.dead_lettered_total, "dead_lettered")
         outcomes = CounterMetricFamily(
             "mollifier_drain_runs",
             "Buffered runs settled by this sidecar, by outcome.",
             labels=["outcome"],
         )
-        outcomes.add_metric(["materialized"], d.materialized_total)
-        outcomes.add_metric(["resolved"], self.counters.resolved)
+        outcomes.add_metric(["materialized"], materialized)
+        outcomes.add_metric(["resolved"], both(self.counters.resolved, "resolved"))
         # failed_total counts dead letters and SYSTEM_FAILURE rows together.
-        outcomes.add_metric(["system_failure"], max(0, d.failed_total - d.dead_lettered_total))
-        outcomes.add_metric(["retried"], d.requeued_total)
-        outcomes.add_metric(["dead_lettered"], d.dead_lettered_total)
+        outcomes.add_metric(["system_failure"], max(0, failed - dead))
+        outcomes.add_metric(["retried"], both(d.requeued_total, "requeued"))
+        outcomes.add_metric(["dead_lettered"], dead)
         yield outcomes
         yield CounterMetricFamily(
             "mollifier_drain_lease_reclaims",
             "Leased runs whose lease ran out and were taken back into the queue.",
-            value=self.counters.reclaimed,
+            value=both(self.counters.reclaimed, "reclaimed"),
         )
         yield CounterMetricFamily(
-            "mollifier_drain_ticks", "Drain loop ticks.", value=getattr(d, "ticks", 0)
+            "mollifier_drain_ticks",
+            "Drain loop ticks.",
+            value=both(getattr(d, "ticks", 0), "ticks"),
         )
         yield GaugeMetricFamily(
             "mollifier_drain_in_flight",
             "Runs this sidecar's drainer is writing to Postgres right now.",
-            value=d.in_flight,
+            value=both(d.in_flight, "in_flight"),
         )
         yield GaugeMetricFamily(
             "mollifier_drain_stale_entries",
             "Buffered runs older than MOLLIFIER_STALE_AFTER_MS at the last sweep.",
-            value=d.stale_entries,
+            value=both(d.stale_entries, "stale_entries"),
         )
+        if self.counters.batch_seconds is None:
+            # The drain process times its batches and publishes the buckets.
+            buckets = [
+                (_le(le), r.get(f"batch_le_{_le(le)}", 0.0)) for le in (*BATCH_BUCKETS, "+Inf")
+            ]
+            yield HistogramMetricFamily(
+                "mollifier_drain_batch_seconds",
+                "Time to write one leased batch to Postgres and settle it in Redis.",
+                buckets=buckets,
+                sum_value=r.get("batch_sum", 0.0),
+            )
 
 
 # -- the endpoint ----------------------------------------------------------------
@@ -446,14 +488,9 @@ async def start_metrics(app: App, listen: str) -> MetricsServer:
     registry.register(_Forward(GATE_REGISTRY))
     with contextlib.suppress(Exception):  # /proc is Linux-only
         ProcessCollector(registry=registry)
-    counters = DrainCounters(
-        batch_seconds=Histogram(
-            "mollifier_drain_batch_seconds",
-            "Time to write one leased batch to Postgres and settle it in Redis.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
-            registry=registry,
-        )
-    )
+    counters = DrainCounters()
+    if app.drainer.remote_key is None:
+        counters.batch_seconds = batch_histogram(registry)
     stats = BufferStats(app)
     registry.register(AppCollector(app, stats, counters))
     undo = instrument_drainer(app.drainer, counters)

@@ -9,6 +9,7 @@ NOT_SERVING, in-flight RPCs get the grace period, then the stores are closed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import signal
@@ -191,12 +192,17 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 async def start_server(
-    app: App, listen: str | None = None, *, tracer_provider: Any | None = None
+    app: App,
+    listen: str | None = None,
+    *,
+    tracer_provider: Any | None = None,
+    reuse_port: bool = False,
 ) -> Sidecar:
     """Build, bind and start the server for ``app``; ``listen`` may use port 0.
 
     With ``tracer_provider`` (an OpenTelemetry SDK TracerProvider) every RPC
-    gets a span, rejected ones included.
+    gets a span, rejected ones included. ``reuse_port`` lets several worker
+    processes of one sidecar bind the same port (MOLLIFIER_WORKERS).
     """
     settings = app.settings
     address = listen or settings.listen
@@ -216,8 +222,9 @@ async def start_server(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-            # A restarted sidecar must not share its port with a stale one.
-            ("grpc.so_reuseport", 0),
+            # A restarted sidecar must not share its port with a stale one;
+            # only the workers of one sidecar share it, on purpose.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
     gate_pb2_grpc.add_GateServiceServicer_to_server(GateServicer(app), server)
@@ -284,22 +291,49 @@ async def check_redis(redis: Any, settings: Settings) -> list[str]:
 
 
 async def serve(settings: Settings, *, ready: Callable[[Sidecar], None] | None = None) -> None:
-    """Run the sidecar until SIGTERM or SIGINT, then stop gracefully."""
+    """Run the sidecar until SIGTERM or SIGINT, then stop gracefully.
+
+    With MOLLIFIER_DRAIN_PROCESS (or MOLLIFIER_WORKERS above 1) the drainer runs
+    in a supervised child process, and N-1 more gRPC workers share the port;
+    see supervisor.py. Shutdown stops the server, the drainer and the children
+    at once, all within one MOLLIFIER_SHUTDOWN_GRACE_MS.
+    """
     from .metrics import MetricsServer, start_metrics
+    from .supervisor import DRAIN_COMMAND, WORKER_COMMAND, Child, counters_key, new_instance_id
     from .tracing import tracer_provider_from_env
 
     provider = tracer_provider_from_env()
     metrics: MetricsServer | None = None
-    app = await App.connect(settings)
+    children: list[Child] = []
+    instance = new_instance_id()
+    app = await App.connect(settings, start_background=False)
+    loop = asyncio.get_running_loop()
+    deadline: float | None = None
     try:
+        drain_elsewhere = app.drainer.enabled and (settings.drain_process or settings.workers > 1)
+        if drain_elsewhere:
+            app.drainer.remote_key = counters_key(instance)
+        await app.start_background()
         await check_redis(app.redis, settings)
         if settings.metrics_listen:
             metrics = await start_metrics(app, settings.metrics_listen)
             log.info("metrics serving", extra={"address": metrics.address})
-        sidecar = await start_server(app, tracer_provider=provider)
+        sidecar = await start_server(app, tracer_provider=provider, reuse_port=settings.workers > 1)
+        if drain_elsewhere:
+            children.append(Child.for_command("drain", DRAIN_COMMAND, settings, instance))
+        for n in range(1, settings.workers):
+            worker = Child.for_command(f"worker-{n}", WORKER_COMMAND, settings, instance)
+            children.append(worker)
+        for child in children:
+            await child.start()
         log.info(
             "mollifier serving",
-            extra={"address": sidecar.address, "settings": settings.redacted()},
+            extra={
+                "address": sidecar.address,
+                "workers": settings.workers,
+                "drain_process": drain_elsewhere,
+                "settings": settings.redacted(),
+            },
         )
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -313,12 +347,23 @@ async def serve(settings: Settings, *, ready: Callable[[Sidecar], None] | None =
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         grace = settings.shutdown_grace_ms / 1000
+        deadline = loop.time() + grace
         log.info("shutting down", extra={"grace_s": grace})
-        await sidecar.stop(grace)
+        # One grace for everything: in-flight RPCs, the drainer's in-flight
+        # batches (here or in the drain process) and the workers, all at once.
+        await asyncio.gather(
+            sidecar.stop(grace),
+            app.drainer.stop(grace),
+            *(child.stop(grace) for child in children),
+        )
     finally:
+        left = None if deadline is None else max(deadline - loop.time(), 0.0)
+        for child in children:
+            with contextlib.suppress(Exception):
+                await child.stop(settings.shutdown_grace_ms / 1000 if left is None else left)
         if metrics is not None:
             await metrics.stop()
-        await app.close()
+        await app.close(grace=left)
         if provider is not None:
             # Flushes the spans still batched for export.
             provider.shutdown()
