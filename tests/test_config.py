@@ -126,3 +126,9 @@ def test_json_logs_carry_fields_and_drop_secrets() -> None:
     assert "ts" in entry
     assert "t0p" not in lines[0]
     assert "payload" not in entry
+
+
+def test_drain_batch_size_has_a_ceiling() -> None:
+    # A lease moves a whole batch in one Lua call; thousands would overflow it.
+    with pytest.raises(ConfigError, match="MOLLIFIER_DRAIN_BATCH_SIZE=5000: must be at most 1000"):
+        Settings.from_env({"MOLLIFIER_DRAIN_BATCH_SIZE": "5000"})

@@ -22,8 +22,13 @@ class ConfigError(ValueError):
     """A ``MOLLIFIER_*`` variable has a value that cannot be used."""
 
 
-def _setting(default: Any, description: str, *, minimum: int | None = None) -> Any:
-    return field(default=default, metadata={"description": description, "minimum": minimum})
+def _setting(
+    default: Any, description: str, *, minimum: int | None = None, maximum: int | None = None
+) -> Any:
+    return field(
+        default=default,
+        metadata={"description": description, "minimum": minimum, "maximum": maximum},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +95,11 @@ class Settings:
     drain_concurrency: int = _setting(
         4, "Batches written to Postgres at once (and Postgres connections used).", minimum=1
     )
-    drain_batch_size: int = _setting(500, "Runs leased and written per batch.", minimum=1)
+    # At most 1,000: a lease script moves a whole batch in one call, and Redis's
+    # Lua cannot unpack many thousands of values at once.
+    drain_batch_size: int = _setting(
+        500, "Runs leased and written per batch (1 to 1000).", minimum=1, maximum=1000
+    )
     drain_rate_per_sec: int = _setting(
         0, "Most rows written to Postgres per second; 0 means no limit.", minimum=0
     )
@@ -169,6 +178,9 @@ class Settings:
             value = getattr(self, f.name)
             if minimum is not None and value < minimum:
                 raise ConfigError(f"{PREFIX}{f.name.upper()}={value}: must be at least {minimum}")
+            maximum = f.metadata.get("maximum")
+            if maximum is not None and value > maximum:
+                raise ConfigError(f"{PREFIX}{f.name.upper()}={value}: must be at most {maximum}")
         _check_hostport("MOLLIFIER_LISTEN", self.listen)
         if self.workers > 1 and self.listen.rpartition(":")[2] == "0":
             raise ConfigError("MOLLIFIER_WORKERS above 1 needs a fixed port in MOLLIFIER_LISTEN")
