@@ -73,7 +73,8 @@ if decision ~= DECISION_MOLLIFY then
   -- Not buffering, but a bound key or a buffered run id still answers as a duplicate.
   if a.idem ~= "" then
     local bound = rcall("GET", k.idem)
-    if bound then
+    -- Bound to this very run: a retry of a direct write; not a duplicate.
+    if bound and bound ~= a.runId then
       return { decision, reason, windowCount, threshold, trippedUntil,
         RESULT_DUP_IDEM, bound, 0, entry_view(k.runPrefix .. bound) }
     end

@@ -386,3 +386,22 @@ async def test_a_stalled_drainer_does_not_commit_after_its_lease(app: App) -> No
     # The lease ran out: the runs go to the next holder, exactly once.
     await drain_until_empty(d)
     assert sorted(r[0] for r in await pg_rows(app, "env_id = 'env_z'")) == sorted(ids)
+
+
+async def test_a_run_id_taken_by_another_env_is_dead_lettered(app: App) -> None:
+    """Run ids key the table: a run of env B whose id is already env A's row
+    can never be created. It is dead-lettered (kept, readable), and A's row is
+    untouched: one tenant cannot erase or answer for another's run."""
+    a = snap("env_a", "org_1")
+    await fill(app, [a])
+    d = drainer(app)
+    await drain_until_empty(d)
+    b = snap("env_b", "org_1", run_id=a.run_id)
+    await fill(app, [b])
+    await drain_until_empty(d)
+    assert [(r[0], r[1]) for r in await pg_rows(app)] == [(a.run_id, "env_a")]
+    failed = await app.buffer.get_run("env_b", a.run_id)
+    assert failed.status == run_pb2.RUN_STATUS_FAILED
+    assert "another env" in failed.last_error
+    mine = await app.buffer.get_run("env_a", a.run_id)
+    assert mine.source == run_pb2.RUN_SOURCE_POSTGRES

@@ -19,7 +19,7 @@ from mollifier.app import App
 from mollifier.config import Settings
 from mollifier.devstack import PostgresProcess
 from mollifier.drainer import Drainer
-from mollifier.errors import FailedPrecondition
+from mollifier.errors import AlreadyExists, FailedPrecondition, Unavailable
 from mollifier.keys import env_keys
 from mollifier_client.v1 import gate_pb2, run_pb2
 
@@ -231,3 +231,44 @@ async def test_write_through_needs_a_database(redis_url: str) -> None:
             await trigger(app, request())
     finally:
         await app.close()
+
+
+async def test_a_failed_direct_write_frees_its_key(settings: Settings, redis_url: str) -> None:
+    """Bound for a direct write that then neither reached Postgres nor the
+    buffer: the key must not stay held by a run that never came to be."""
+    folder = Path(tempfile.mkdtemp(prefix="mollifier-pg-"))
+    pg = PostgresProcess(folder)
+    pg.start()
+    try:
+        s = settings.replace(database_url=pg.url, direct_write_timeout_ms=500)
+        app = await App.connect(s, start_background=False)
+        try:
+            pg.stop()
+            app.buffer.total_full = True  # nowhere to take the run instead
+            req = request(idempotency_key="k-free")
+            with pytest.raises(Unavailable):
+                await trigger(app, req)
+            k = env_keys("env_w")
+            assert await app.redis.get(k.idem("task-w", "k-free")) is None
+            pg.start()
+            app.buffer.total_full = False
+            again = await trigger(app, req)  # the caller's retry, same run id
+            assert not again.duplicate
+            assert again.run is not None and again.run.source == run_pb2.RUN_SOURCE_POSTGRES
+            assert [r[0] for r in await rows(pg.url)] == [req.snapshot.run_id]
+        finally:
+            await app.close()
+    finally:
+        pg.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_a_run_id_of_another_env_is_refused(app: App, database_url: str) -> None:
+    first = request(env="env_one")
+    await trigger(app, first)
+    clash = request(env="env_two")
+    clash.snapshot.run_id = first.snapshot.run_id
+    with pytest.raises(AlreadyExists):
+        await trigger(app, clash)
+    assert len(await rows(database_url, "env_one")) == 1
+    assert await rows(database_url, "env_two") == []

@@ -57,11 +57,10 @@ local function accept_entry(k, a, now)
   local score = math.max(now * 1000, last + 1)
   rcall("HSET", k.env, "ls", score, "org", a.orgId)
   local boundKey = ""
-  if a.idem ~= "" and a.idemExpiresAt == 0 and rcall("GET", k.idem) == a.runId then
-    -- Bound already by trigger.lua (direct write turned buffered): keep its TTL.
-    a.idemExpiresAt = -1
-  end
-  if a.idem ~= "" and a.idemExpiresAt >= 0 then
+  -- A binding trigger.lua made for a direct write that turned buffered is set
+  -- again below like any other: without a TTL while the run is buffered, and
+  -- recorded in the entry (ik) so ack and reset find it.
+  if a.idem ~= "" then
     if a.idemExpiresAt == 0 then
       rcall("SET", k.idem, a.runId)
       boundKey = a.idem

@@ -159,6 +159,11 @@ class _RateLimit:
         if start > now:
             await asyncio.sleep(start - now)
 
+    def refund(self, rows: int) -> None:
+        """Give back rows taken but not used (a batch came back smaller)."""
+        if self.rate > 0 and rows > 0:
+            self.next_free = max(time.monotonic(), self.next_free - rows / self.rate)
+
 
 class Drainer:
     """The built-in drainer, plus the lease/ack/nack/status logic DrainService uses."""
@@ -615,9 +620,12 @@ class Drainer:
                 return 0
             try:
                 token = secrets.token_hex(16)
-                batch = await self.lease_env(
-                    env_id, self.settings.drain_batch_size, self.settings.drain_lease_ms, token
-                )
+                # The rate budget is taken before leasing: waiting for it with
+                # a lease in hand would eat the lease (and count an attempt).
+                size = self.settings.drain_batch_size
+                await self.rate.take(size)
+                batch = await self.lease_env(env_id, size, self.settings.drain_lease_ms, token)
+                self.rate.refund(size - len(batch.runs))
                 if not batch.runs:
                     await self._unindex_env(org, env_id)
                     return 0
@@ -655,7 +663,6 @@ class Drainer:
             )
         if not entries:
             return
-        await self.rate.take(len(entries))
         margin = self.commit_margin_ms()
 
         def lease_holds() -> bool:
@@ -684,9 +691,13 @@ class Drainer:
             return
         done: list[tuple[str, str]] = []
         retry: dict[str, list[str]] = {}
+        dead: dict[str, list[str]] = {}
         for r in results:
             if r.outcome is Outcome.RETRY:
                 retry.setdefault(r.error, []).append(r.run_id)
+                continue
+            if r.outcome is Outcome.CONFLICT:
+                dead.setdefault(r.error, []).append(r.run_id)
                 continue
             resolved = r.resolved_run_id if r.outcome is Outcome.RESOLVED else ""
             done.append((r.run_id, resolved))
@@ -703,6 +714,10 @@ class Drainer:
             )
         for error, ids in retry.items():
             await self.nack_env(batch.env_id, batch.token, ids, error=error)
+        for error, ids in dead.items():
+            # Kept, readable and retryable in the failed set; never dropped.
+            await self.nack_env(batch.env_id, batch.token, ids, dead_letter=True, error=error)
+            self.failed_total += len(ids)
 
     # -- external consumers ----------------------------------------------------
 

@@ -19,6 +19,7 @@ import redis.exceptions
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
 __all__ = [
     "DOMAIN",
@@ -150,7 +151,30 @@ def classify(exc: BaseException) -> MollifierError:
         return Unavailable(f"redis unavailable: {type(exc).__name__}", reason="REDIS_UNAVAILABLE")
     if isinstance(exc, redis.exceptions.BusyLoadingError):
         return Unavailable("redis is loading its data", reason="REDIS_UNAVAILABLE")
-    if isinstance(exc, psycopg.OperationalError):
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        # maxmemory reached under noeviction: the buffer cannot take more now.
+        return ResourceExhausted("redis is out of memory", reason="REDIS_OUT_OF_MEMORY")
+    if isinstance(
+        exc,
+        (
+            redis.exceptions.ReadOnlyError,
+            redis.exceptions.ClusterDownError,
+            redis.exceptions.TryAgainError,
+            redis.exceptions.MasterDownError,
+        ),
+    ):
+        # A failover or resharding in progress: worth retrying shortly.
+        return Unavailable(f"redis unavailable: {type(exc).__name__}", reason="REDIS_UNAVAILABLE")
+    if isinstance(
+        exc,
+        (
+            psycopg.OperationalError,
+            psycopg.InterfaceError,
+            PoolTimeout,
+            PoolClosed,
+            TooManyRequests,
+        ),
+    ):
         return Unavailable(
             f"postgres unavailable: {type(exc).__name__}", reason="POSTGRES_UNAVAILABLE"
         )

@@ -13,6 +13,7 @@ PASS_THROUGH with reason FAIL_OPEN: the gate never blocks a trigger.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -27,6 +28,7 @@ from .buffer import RESULT_ACCEPTED, RESULT_BOUND, RESULT_DUP_IDEM, RESULT_DUP_R
 from .codec import ms_from_ts, now_ms, ts_from_ms
 from .config import Settings
 from .errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     MollifierError,
@@ -293,7 +295,39 @@ class Gate:
     ) -> TriggerOutcome:
         """Insert a pass-through run into Postgres through the drainer's own
         materializer; a retryable failure (or no answer within
-        MOLLIFIER_DIRECT_WRITE_TIMEOUT_MS) buffers the run instead."""
+        MOLLIFIER_DIRECT_WRITE_TIMEOUT_MS) buffers the run instead.
+
+        When trigger.lua bound the key to this run and the call ends with the
+        run neither written nor buffered (an error, or the caller gone), the
+        binding is dropped again, so the key is not held by a run that never
+        came to be.
+        """
+        if not bound:
+            return await self._write_direct_once(outcome, snap, bound=False)
+        settled = False
+        try:
+            answer = await self._write_direct_once(outcome, snap, bound=True)
+            settled = True
+            return answer
+        except MollifierError as exc:
+            # A SYSTEM_FAILURE row was kept with the key: it holds the key.
+            settled = exc.reason == "POSTGRES_REJECTED"
+            raise
+        finally:
+            if not settled:
+                k = env_keys(snap.env_id)
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(
+                        self.scripts.rebind(
+                            self.redis,
+                            [k.idem(snap.task_identifier, snap.idempotency_key)],
+                            [snap.run_id, ""],
+                        )
+                    )
+
+    async def _write_direct_once(
+        self, outcome: Outcome, snap: run_pb2.RunSnapshot, *, bound: bool
+    ) -> TriggerOutcome:
         from . import materializer as m
 
         pool = self.buffer.pool
@@ -311,8 +345,14 @@ class Gate:
             return TriggerOutcome(outcome, snap.run_id, direct_run(snap), False)
         if res.outcome is m.Outcome.RETRY:
             return await self._buffer_instead(outcome, snap, None)
+        if res.outcome is m.Outcome.CONFLICT:
+            raise AlreadyExists(
+                f"run id {snap.run_id} is already used by another env",
+                reason="RUN_ID_TAKEN",
+                metadata={"run_id": snap.run_id},
+            )
         if res.outcome is m.Outcome.SYSTEM_FAILURE:
-            raise MollifierError(
+            raise FailedPrecondition(
                 f"postgres refused run {snap.run_id}: {res.error} (kept as a SYSTEM_FAILURE row)",
                 reason="POSTGRES_REJECTED",
                 metadata={"run_id": snap.run_id},

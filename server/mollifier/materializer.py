@@ -47,9 +47,19 @@ __all__ = [
     "row_values",
 ]
 
-# admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
-# serialization_failure, deadlock_detected; plus the whole class 08 (connection).
-RETRYABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01"})
+# Errors that pass with time: the run is requeued, not failed (see is_retryable).
+RETRYABLE_SQLSTATES = frozenset(
+    {
+        "57P01",  # admin_shutdown
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now
+        "57014",  # query_canceled (statement_timeout under load)
+        "55P03",  # lock_not_available
+        "25006",  # read_only_sql_transaction (a standby during failover)
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+    }
+)
 
 STATUS_PENDING = "PENDING"
 STATUS_DELAYED = "DELAYED"
@@ -73,7 +83,9 @@ def is_retryable(exc: BaseException) -> bool:
         if state is None:
             # No SQLSTATE: the connection itself failed (refused, reset, closed).
             return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
-        return state.startswith("08") or state in RETRYABLE_SQLSTATES
+        # Class 08 (connection) and class 53 (insufficient resources: disk
+        # full, out of memory, too many connections) pass; the run does not fail.
+        return state.startswith(("08", "53")) or state in RETRYABLE_SQLSTATES
     # The pool could not hand out a connection in time: Postgres is away.
     from psycopg_pool import PoolTimeout
 
@@ -90,6 +102,9 @@ class Outcome(enum.Enum):
     RESOLVED = "resolved"  # its idempotency key is bound to another run's row
     SYSTEM_FAILURE = "system_failure"  # written as a SYSTEM_FAILURE row
     RETRY = "retry"  # nothing written; requeue (retryable error)
+    # Nothing written: another env's row already has this run id. Run ids are
+    # the table's key, so the run can never be created; it is dead-lettered.
+    CONFLICT = "conflict"
 
 
 @dataclass(slots=True)
@@ -423,7 +438,7 @@ _CANCEL_EXISTING_SQL = (
     "WHERE run_id = %s AND env_id = %s AND status IN ('PENDING', 'DELAYED')"
 )
 
-_EXISTING_SQL = "SELECT run_id FROM mollifier.runs WHERE run_id = ANY(%s::text[])"
+_EXISTING_SQL = "SELECT run_id, env_id FROM mollifier.runs WHERE run_id = ANY(%s::text[])"
 
 
 Conn = psycopg.AsyncConnection[Any]
@@ -449,10 +464,15 @@ async def _resolve_missing(
     """Results for a written batch: CREATED, or why a row was not inserted."""
     missing = [e for e in entries if e.run_id not in inserted]
     existing: set[str] = set()
+    foreign: set[str] = set()
+    owners: dict[str, str] = {}
     holders: dict[tuple[str, str, str], str] = {}
     if missing:
         cur = await conn.execute(_EXISTING_SQL, ([e.run_id for e in missing],))
-        existing = {r[0] for r in await cur.fetchall()}
+        owners = {r[0]: r[1] for r in await cur.fetchall()}
+        # Only a row of the entry's own env is "this run, already written".
+        existing = {e.run_id for e in missing if owners.get(e.run_id) == e.snapshot.env_id}
+        foreign = {e.run_id for e in missing if e.run_id in owners} - existing
         # A row committed before a lost ack, whose entry was then cancelled
         # while queued again: the cancel must still win (never a live row
         # for a run the caller was told is cancelled).
@@ -462,7 +482,7 @@ async def _resolve_missing(
                     _CANCEL_EXISTING_SQL,
                     (_ts(e.canceled_ms), e.cancel_reason or None, e.run_id, e.snapshot.env_id),
                 )
-        keyed = [e.snapshot for e in missing if e.run_id not in existing]
+        keyed = [e.snapshot for e in missing if e.run_id not in owners]
         if keyed:
             cur = await conn.execute(
                 _HOLDERS_SQL,
@@ -481,6 +501,8 @@ async def _resolve_missing(
             results.append(Result(e.run_id, Outcome.CREATED, resolved_run_id=e.run_id))
         elif e.run_id in existing:
             results.append(Result(e.run_id, Outcome.EXISTS, resolved_run_id=e.run_id))
+        elif e.run_id in foreign:
+            results.append(Result(e.run_id, Outcome.CONFLICT, "run id already used by another env"))
         else:
             holder = holders.get((s.env_id, s.task_identifier, s.idempotency_key))
             if holder is None:

@@ -380,16 +380,10 @@ class Mutations:
             state = _text(view[1])
             buffered = view[0] is not None or view[1] is not None
             if self.pool is not None:
-                try:
-                    done = await self._apply_pg(
-                        env_id, run_id, request_id, kind, change, respond, cls
-                    )
-                except psycopg.OperationalError:
-                    # Postgres is away. A queued run never leased (0 attempts)
-                    # cannot have a row, so the buffer alone may take the change.
-                    if not (state == "Q" and _int(view[3]) == 0):
-                        raise
-                    done = None
+                # Postgres away: UNAVAILABLE (retryable). Even a queued run never
+                # leased may have a row (a direct write that committed after its
+                # timeout, then buffered), so the buffer alone cannot decide.
+                done = await self._apply_pg(env_id, run_id, request_id, kind, change, respond, cls)
                 if done is not None:
                     return done
             if not buffered:
@@ -869,7 +863,7 @@ class Mutations:
             task_identifier=snap.task_identifier,
             org_feature_flags={"mollifierEnabled": True},
             snapshot=snap,
-            write_through=True,
+            write_through=self.pool is not None,
         )
         result = await self.gate.trigger(req, snap)
         run = result.run
