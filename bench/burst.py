@@ -209,13 +209,19 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def through_sidecar(redis_url: str, pg_url: str, total: int, callers: int) -> dict[str, Any]:
+async def through_sidecar(
+    redis_url: str, pg_url: str, total: int, callers: int, drain_process: bool = True
+) -> dict[str, Any]:
     import grpc
     from mollifier.config import Settings
     from mollifier.connections import make_redis
     from mollifier_client.v1 import gate_pb2, gate_pb2_grpc
 
     await _truncate(pg_url)
+    # Each sidecar run starts from an empty buffer and an untripped gate.
+    fresh = make_redis(Settings.from_env({}, redis_url=redis_url))
+    await fresh.flushall()
+    await fresh.aclose()
     port = _free_port()
     env = {
         **os.environ,
@@ -223,6 +229,7 @@ async def through_sidecar(redis_url: str, pg_url: str, total: int, callers: int)
         "MOLLIFIER_DATABASE_URL": pg_url,
         "MOLLIFIER_LISTEN": f"127.0.0.1:{port}",
         "MOLLIFIER_LOG_LEVEL": "WARNING",
+        "MOLLIFIER_DRAIN_PROCESS": "true" if drain_process else "false",
     }
     proc = subprocess.Popen(  # noqa: ASYNC220 (started once, before the clock)
         [sys.executable, "-m", "mollifier", "serve"], env=env, stderr=subprocess.DEVNULL
@@ -276,7 +283,7 @@ async def through_sidecar(redis_url: str, pg_url: str, total: int, callers: int)
         proc.wait(10)
         await redis.aclose()
     return _summary(
-        "through the sidecar",
+        "through the sidecar" + (" (drain process)" if drain_process else " (drainer in-process)"),
         points,
         errors,
         sampler,
@@ -344,8 +351,9 @@ async def bench(total: int, callers: int) -> list[dict[str, Any]]:
         app = await App.connect(settings, start_background=False)
         await app.close(grace=0)
         a = await straight(pg.url, total, callers)
-        b = await through_sidecar(redis.url, pg.url, total, callers)
-        return [a, b]
+        b = await through_sidecar(redis.url, pg.url, total, callers, drain_process=True)
+        inproc = await through_sidecar(redis.url, pg.url, total, callers, drain_process=False)
+        return [a, inproc, b]
     finally:
         redis.stop()
         pg.stop()
@@ -354,7 +362,7 @@ async def bench(total: int, callers: int) -> list[dict[str, Any]]:
 
 
 def report(results: list[dict[str, Any]], total: int, callers: int) -> str:
-    a, b = results
+    a, b = results[0], results[-1]
     lines = [
         f"{total:,} triggers for one env from {callers} concurrent callers.",
         "",
@@ -383,8 +391,16 @@ def report(results: list[dict[str, Any]], total: int, callers: int) -> str:
         f"(drain concurrency {b['drain_concurrency']}), {a['peak_pg_in_use']} straight.",
         f"- Rows: {a['rows']:,} straight, {b['rows']:,} through the sidecar "
         f"({'exactly' if a['rows'] == b['rows'] == total else 'NOT'} {total:,} each).",
-        f"- Sidecar peak RSS under the burst: {b['peak_rss_mb']:.0f} MiB.",
+        f"- Serving process peak RSS under the burst: {b['peak_rss_mb']:.0f} MiB.",
     ]
+    for r in results[1:-1]:
+        lines.append(
+            f"- Same run, {r['name']}: p99 {r['p99_ms']:.2f} ms = "
+            f"{r['p99_ms'] / r['idle_p99_ms'] if r['idle_p99_ms'] else 0:.1f}x its idle p99 "
+            f"({r['idle_p99_ms']:.2f} ms), "
+            f"{a['p99_ms'] / r['p99_ms'] if r['p99_ms'] else 0:.1f}x better than straight; "
+            f"all rows in after {r['all_in_s']:.2f} s."
+        )
     return "\n".join(lines)
 
 

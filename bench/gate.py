@@ -96,7 +96,7 @@ async def _lua_caller(redis_url: str) -> Any:
 
 
 async def _drive(
-    address: str, method: str, inflight: int, calls: int, warmup: int
+    address: str, method: str, inflight: int, calls: int, warmup: int, channels: int = 1
 ) -> dict[str, Any]:
     if method == LUA:
         redis, lua_call = await _lua_caller(address)
@@ -106,15 +106,24 @@ async def _drive(
             await redis.aclose()
     import grpc
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    # Several channels are several TCP connections (own subchannel pools), which
+    # SO_REUSEPORT spreads over a sidecar's worker processes.
+    opened = [
+        grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(channels)
+    ]
+    try:
         # Bytes in, bytes out: no client-side codec, the same work for both servers.
-        rpc = channel.unary_unary(method, None, None)
+        rpcs = [ch.unary_unary(method, None, None) for ch in opened]
         requests = _batch_requests() if method == BATCH else _requests()
 
         async def grpc_call(i: int) -> Any:
-            return await rpc(requests[i % len(requests)], timeout=10)
+            return await rpcs[i % channels](requests[i % len(requests)], timeout=10)
 
         return await _drive_calls(grpc_call, method, inflight, calls, warmup)
+    finally:
+        for ch in opened:
+            await ch.close()
 
 
 async def _drive_calls(
@@ -157,7 +166,9 @@ async def _drive_calls(
 
 
 def client_main(args: argparse.Namespace) -> None:
-    result = _run(_drive(args.address, args.method, args.inflight, args.calls, args.warmup))
+    result = _run(
+        _drive(args.address, args.method, args.inflight, args.calls, args.warmup, args.channels)
+    )
     print(json.dumps(result))
 
 
@@ -189,7 +200,9 @@ async def _echo_server() -> tuple[Any, int]:
     return server, port
 
 
-async def _measure(address: str, method: str, inflight: int, calls: int) -> dict[str, Any]:
+async def _measure(
+    address: str, method: str, inflight: int, calls: int, channels: int = 1
+) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         __file__,
@@ -199,6 +212,7 @@ async def _measure(address: str, method: str, inflight: int, calls: int) -> dict
         "--inflight", str(inflight),
         "--calls", str(calls),
         "--warmup", str(min(2000, calls // 5)),
+        "--channels", str(channels),
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, _ = await proc.communicate()
@@ -248,6 +262,65 @@ async def bench(calls: int, inflights: list[int]) -> list[dict[str, Any]]:
         redis.stop()
         shutil.rmtree(folder, ignore_errors=True)
     return rows
+
+
+async def bench_workers(calls: int, inflights: list[int], workers: int) -> str:
+    """Echo vs `mollifier serve` with 1 and with ``workers`` gRPC processes, 4 channels."""
+    import socket
+    import subprocess
+
+    from mollifier.devstack import RedisProcess
+
+    channels = 4
+    folder = Path(tempfile.mkdtemp(prefix="mollifier-bench-"))
+    redis = RedisProcess(folder)
+    redis.start()
+    echo, echo_port = await _echo_server()
+    lines = [
+        f"Workers: `bench/gate.py --workers {workers}`, {os.cpu_count()} cores, "
+        f"{calls} calls per measurement, {channels} client channels (connections)",
+        "",
+        "| in flight | server | calls/s | p50 ms | p99 ms | vs echo calls/s | vs echo p99 |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    try:
+        for inflight in inflights:
+            e = await _measure(f"127.0.0.1:{echo_port}", ECHO, inflight, calls, channels)
+            lines.append(
+                f"| {inflight} | bare grpc.aio echo | {e['per_sec']:,.0f} | {e['p50_ms']:.2f} | "
+                f"{e['p99_ms']:.2f} | 1.00 | 1.00 |"
+            )
+            for n in (1, workers):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", 0))
+                    port = sock.getsockname()[1]
+                env = {k: v for k, v in os.environ.items() if not k.startswith("MOLLIFIER_")}
+                env |= {
+                    "MOLLIFIER_REDIS_URL": redis.url,
+                    "MOLLIFIER_LISTEN": f"127.0.0.1:{port}",
+                    "MOLLIFIER_TRIP_THRESHOLD": "1000000000",
+                    "MOLLIFIER_LOG_LEVEL": "ERROR",
+                    "MOLLIFIER_WORKERS": str(n),
+                }
+                proc = subprocess.Popen(  # noqa: ASYNC220 (before the clock)
+                    [sys.executable, "-m", "mollifier", "serve"], env=env
+                )
+                try:
+                    await asyncio.sleep(3 + n)  # every worker bound and serving
+                    g = await _measure(f"127.0.0.1:{port}", EVALUATE, inflight, calls, channels)
+                finally:
+                    proc.terminate()
+                    proc.wait(15)
+                lines.append(
+                    f"| {inflight} | `mollifier serve`, {n} worker(s) | {g['per_sec']:,.0f} | "
+                    f"{g['p50_ms']:.2f} | {g['p99_ms']:.2f} | "
+                    f"{g['per_sec'] / e['per_sec']:.2f} | {g['p99_ms'] / e['p99_ms']:.2f} |"
+                )
+    finally:
+        await echo.stop(0)
+        redis.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    return "\n".join(lines)
 
 
 def report(rows: list[dict[str, Any]], calls: int) -> str:
@@ -304,6 +377,14 @@ def main() -> None:
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=2000, help=argparse.SUPPRESS)
+    parser.add_argument("--channels", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="also measure `mollifier serve` with MOLLIFIER_WORKERS=N (and N-process "
+        "clients' channels) beside the echo and one worker, all over 4 channels",
+    )
     args = parser.parse_args()
     if args.client:
         args.inflight = args.inflight[0]
@@ -314,6 +395,9 @@ def main() -> None:
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     # Fail-open warnings would flood the terminal; they are counted instead.
     logging.basicConfig(level=logging.ERROR)
+    if args.workers:
+        print(_run(bench_workers(args.calls, args.inflight, args.workers)))
+        return
     rows = _run(bench(args.calls, args.inflight))
     print(report(rows, args.calls))
 
