@@ -14,6 +14,7 @@ from .errors import DamagedEntry
 
 __all__ = [
     "ENTRY_FIELDS",
+    "as_text",
     "decode_snapshot",
     "entry_to_run",
     "ms_from_ts",
@@ -50,7 +51,8 @@ def ms_from_ts(ts: timestamp_pb2.Timestamp) -> int:
     return ts.seconds * 1000 + ts.nanos // 1_000_000
 
 
-def _text(value: bytes | str | int | None) -> str:
+def as_text(value: object) -> str:
+    """A Redis reply (bytes, str, number or nil) as text; nil is ""."""
     if value is None:
         return ""
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -91,7 +93,7 @@ def entry_to_run(
     """A Run (source BUFFER) from the fields of ENTRY_FIELDS, in that order."""
     s, st, ca, at, le, cx, cr, du, _v = fields
     snap = decode_snapshot(env_id, run_id, s if isinstance(s, bytes) else None)
-    state = _text(st)
+    state = as_text(st)
     try:
         canceled_at, delay_until = _int(cx), _int(du)
         created_at, attempts = _int(ca), _int(at)
@@ -122,8 +124,8 @@ def entry_to_run(
         source=run_pb2.RUN_SOURCE_BUFFER,
         snapshot=snap,
         attempts=attempts,
-        last_error=_text(le),
-        cancel_reason=_text(cr),
+        last_error=as_text(le),
+        cancel_reason=as_text(cr),
     )
     if created_at:
         run.created_at.CopyFrom(ts_from_ms(created_at))

@@ -39,11 +39,18 @@ from google.protobuf import duration_pb2
 from mollifier_client.v1 import drain_pb2, run_pb2
 from psycopg_pool import AsyncConnectionPool
 
-from .codec import decode_snapshot, entry_to_run, now_ms, ts_from_ms
+from .codec import as_text, decode_snapshot, entry_to_run, now_ms, ts_from_ms
 from .config import Settings
 from .errors import DamagedEntry
 from .keys import DRAIN_PAUSED, INDEX_ORGS, env_keys, org_envs_key
-from .materializer import Entry, LeaseLost, Outcome, is_retryable, materialize_batch
+from .materializer import (
+    Entry,
+    LeaseLost,
+    Outcome,
+    describe_error,
+    is_retryable,
+    materialize_batch,
+)
 from .scripts import Scripts
 from .validation import Violations
 
@@ -60,12 +67,6 @@ SWEEP_ORGS_PER_PASS = 100
 ORG_EMPTY_GRACE_S = 1.0
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
-
-
-def _text(v: Any) -> str:
-    if v is None:
-        return ""
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _int(v: Any) -> int:
@@ -354,7 +355,7 @@ class Drainer:
         Rounds repeat over the same slice of orgs until there are ``min_picks``
         picks, so every org in the slice gets the same number.
         """
-        orgs = sorted(_text(o) for o in await self.redis.smembers(INDEX_ORGS))
+        orgs = sorted(as_text(o) for o in await self.redis.smembers(INDEX_ORGS))
         slice_ = rotation.next_orgs(orgs, self.settings.drain_orgs_per_tick)
         if not slice_:
             return []
@@ -363,7 +364,7 @@ class Drainer:
             pipe.smembers(org_envs_key(org))
         members = await pipe.execute()
         envs_by_org = {
-            org: sorted(_text(e) for e in envs) for org, envs in zip(slice_, members, strict=True)
+            org: sorted(as_text(e) for e in envs) for org, envs in zip(slice_, members, strict=True)
         }
         live = [org for org in slice_ if envs_by_org[org]]
         for org in live:
@@ -444,7 +445,7 @@ class Drainer:
             n = 0
             for i, env_id in enumerate(names):
                 org_raw, *depths = res[i * 5 : i * 5 + 5]
-                org = _text(org_raw)
+                org = as_text(org_raw)
                 if org and sum(int(d) for d in depths) > 0:
                     p = self.redis.pipeline(transaction=False)
                     p.sadd(org_envs_key(org), env_id)
@@ -454,7 +455,7 @@ class Drainer:
             return n
 
         async for raw in self.redis.scan_iter(match="mf:{*}:env", count=1000):
-            name = _text(raw)
+            name = as_text(raw)
             if not (name.startswith("mf:{") and name.endswith("}:env")):
                 continue
             batch.append(name[4:-5])
@@ -478,7 +479,7 @@ class Drainer:
         Returns the current total, also kept in ``stale_entries``.
         """
         if not self._sweep_orgs:
-            self._sweep_orgs = sorted(_text(o) for o in await self.redis.smembers(INDEX_ORGS))
+            self._sweep_orgs = sorted(as_text(o) for o in await self.redis.smembers(INDEX_ORGS))
             self._sweep_visited = set()
         shard, self._sweep_orgs = (
             self._sweep_orgs[:SWEEP_ORGS_PER_PASS],
@@ -488,7 +489,7 @@ class Drainer:
             pipe = self.redis.pipeline(transaction=False)
             for org in shard:
                 pipe.smembers(org_envs_key(org))
-            envs = sorted({_text(e) for group in await pipe.execute() for e in group})
+            envs = sorted({as_text(e) for group in await pipe.execute() for e in group})
             cutoff = (now_ms() - self.settings.stale_after_ms) * 1000
             pipe = self.redis.pipeline(transaction=False)
             for env_id in envs:
@@ -557,7 +558,7 @@ class Drainer:
         args: list[Any] = [k.run_prefix, k.idem_prefix, token, self.settings.idempotency_ttl_ms]
         args += (ids, resolved)
         r = await self.scripts.ack(self.redis, [k.lease], args)
-        return int(r[0]), [_text(x) for x in r[1]]
+        return int(r[0]), [as_text(x) for x in r[1]]
 
     async def nack_env(
         self,
@@ -593,7 +594,7 @@ class Drainer:
         self.requeued_total += requeued
         self.dead_lettered_total += dead
         self.failed_total += dead
-        return requeued, dead, [_text(x) for x in r[2]]
+        return requeued, dead, [as_text(x) for x in r[2]]
 
     # -- the built-in drainer --------------------------------------------------
 
@@ -682,7 +683,7 @@ class Drainer:
             if not is_retryable(exc):
                 raise
             await self.nack_env(
-                batch.env_id, batch.token, [e.run_id for e in entries], error=_describe(exc)
+                batch.env_id, batch.token, [e.run_id for e in entries], error=describe_error(exc)
             )
             log.warning(
                 "postgres unavailable; batch requeued with backoff",
@@ -860,7 +861,7 @@ class Drainer:
             )
             found = []
             for member, score in raw:
-                run_id, sc = _text(member), int(score)
+                run_id, sc = as_text(member), int(score)
                 # Ties on the score are ordered by member: skip up to the cursor.
                 if sc == after_score and run_id <= after_id:
                     continue
@@ -915,7 +916,7 @@ class Drainer:
         if not self.remote_key:
             return {}
         raw = await self.redis.hgetall(self.remote_key)
-        return {_text(k): float(_text(v)) for k, v in raw.items()}
+        return {as_text(k): float(as_text(v)) for k, v in raw.items()}
 
     async def status(self, org_id: str = "") -> drain_pb2.GetStatusResponse:
         """State, depth per org and env, oldest age, in flight and counts."""
@@ -925,7 +926,7 @@ class Drainer:
             v.raise_if_any()
             orgs = [org_id]
         else:
-            orgs = sorted(_text(o) for o in await self.redis.smembers(INDEX_ORGS))
+            orgs = sorted(as_text(o) for o in await self.redis.smembers(INDEX_ORGS))
         remote = await self.remote_counters()
         resp = drain_pb2.GetStatusResponse(
             state=await self.state(),  # type: ignore[arg-type]
@@ -936,7 +937,7 @@ class Drainer:
         now = now_ms()
         oldest_all = now
         for org in orgs:
-            envs = sorted(_text(e) for e in await self.redis.smembers(org_envs_key(org)))
+            envs = sorted(as_text(e) for e in await self.redis.smembers(org_envs_key(org)))
             if not envs:
                 continue
             pipe = self.redis.pipeline(transaction=False)
@@ -960,7 +961,7 @@ class Drainer:
                     k = env_keys(env_id)
                     p2 = self.redis.pipeline(transaction=False)
                     for m in leased[:100]:
-                        p2.hget(k.run(_text(m)), "ca")
+                        p2.hget(k.run(as_text(m)), "ca")
                     for ca in await p2.execute():
                         if ca:
                             oldest = min(oldest, _int(ca))
@@ -987,9 +988,3 @@ def _duration(ms: int) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromMilliseconds(max(0, ms))
     return d
-
-
-def _describe(exc: BaseException) -> str:
-    state = getattr(exc, "sqlstate", None)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"{state}: {text}" if state else f"{type(exc).__name__}: {text}"

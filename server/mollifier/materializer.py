@@ -39,6 +39,7 @@ __all__ = [
     "Outcome",
     "Result",
     "copy_text",
+    "describe_error",
     "is_retryable",
     "materialize_batch",
     "materialize_one",
@@ -582,13 +583,14 @@ async def _write_failure(conn: Conn, entry: Entry, error: str, check: CommitChec
     except Exception as exc:
         # Never drop a run: whatever stops the failure row, it goes back to the
         # queue and is dead-lettered (kept, readable) once its attempts run out.
-        return Result(entry.run_id, Outcome.RETRY, _describe(exc), retryable=is_retryable(exc))
+        return Result(entry.run_id, Outcome.RETRY, describe_error(exc), retryable=is_retryable(exc))
     if r.outcome is Outcome.CREATED:
         return Result(entry.run_id, Outcome.SYSTEM_FAILURE, error, resolved_run_id=entry.run_id)
     return r
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """One line for an error: its SQLSTATE (or type) and the first line of its text."""
     state = getattr(exc, "sqlstate", None)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"{state}: {text}" if state else f"{type(exc).__name__}: {text}"
@@ -613,7 +615,7 @@ async def materialize_one(
     except Exception as exc:
         if is_retryable(exc):
             raise
-        return await _write_failure(target, entry, _describe(exc), check)
+        return await _write_failure(target, entry, describe_error(exc), check)
 
 
 async def materialize_batch(
@@ -652,7 +654,7 @@ async def materialize_batch(
         if is_retryable(exc):
             raise
         if len(entries) == 1:
-            return [await _write_failure(conn, entries[0], _describe(exc), check)]
+            return [await _write_failure(conn, entries[0], describe_error(exc), check)]
     # A non-retryable error in a batch: isolate the rows Postgres refuses.
     results: list[Result] = []
     for i, e in enumerate(entries):
@@ -663,7 +665,7 @@ async def materialize_batch(
         except Exception as exc:
             if not is_retryable(exc):
                 raise
-            text = _describe(exc)
+            text = describe_error(exc)
             results.extend(
                 Result(x.run_id, Outcome.RETRY, text, retryable=True) for x in entries[i:]
             )

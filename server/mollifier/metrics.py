@@ -41,7 +41,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from .codec import now_ms
+from .codec import as_text, now_ms
 from .keys import INDEX_ORGS, env_keys, org_envs_key
 
 if TYPE_CHECKING:
@@ -188,13 +188,13 @@ class BufferStats:
 
     async def _read(self) -> None:
         redis = self.app.redis
-        orgs = [_text(o) for o in await redis.smembers(INDEX_ORGS)]
+        orgs = [as_text(o) for o in await redis.smembers(INDEX_ORGS)]
         envs: list[str] = []
         if orgs:
             pipe = redis.pipeline(transaction=False)
             for org in orgs:
                 pipe.smembers(org_envs_key(org))
-            envs = sorted({_text(e) for group in await pipe.execute() for e in group})
+            envs = sorted({as_text(e) for group in await pipe.execute() for e in group})
         self.truncated = len(envs) > MAX_ENVS
         envs = envs[:MAX_ENVS]
         queued = retrying = draining = failed = 0
@@ -227,10 +227,6 @@ class BufferStats:
 
 def _le(bound: float | str) -> str:
     return bound if isinstance(bound, str) else repr(float(bound))
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 # -- drain instrumentation -------------------------------------------------------

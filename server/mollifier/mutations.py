@@ -55,7 +55,7 @@ from mollifier_client.v1 import gate_pb2, mutate_pb2, run_pb2
 from psycopg_pool import AsyncConnectionPool
 
 from .buffer import Buffer
-from .codec import ENTRY_FIELDS, entry_to_run, ms_from_ts, now_ms, ts_from_ms
+from .codec import ENTRY_FIELDS, as_text, entry_to_run, ms_from_ts, now_ms, ts_from_ms
 from .config import Settings
 from .errors import DamagedEntry, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .gate import Gate
@@ -110,12 +110,6 @@ _UPDATE_SQL = (
     "idempotency_key = %s, idempotency_key_expires_at = %s "
     "WHERE run_id = %s AND env_id = %s"
 )
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _int(value: Any) -> int:
@@ -377,7 +371,7 @@ class Mutations:
         deadline = loop.time() + self.settings.mutation_wait_ms / 1000
         for attempt in range(MAX_ROUNDS):
             view = await self.redis.hmget(run_key, list(ENTRY_FIELDS))
-            state = _text(view[1])
+            state = as_text(view[1])
             buffered = view[0] is not None or view[1] is not None
             if self.pool is not None:
                 # Postgres away: UNAVAILABLE (retryable). Even a queued run never
@@ -405,7 +399,7 @@ class Mutations:
             resp = respond(run, BUFFER, changed)
             s = run.snapshot
             args: list[Any] = [
-                _text(view[8]) or "0",
+                as_text(view[8]) or "0",
                 run_id,
                 _pack(kind, resp),
                 REQUEST_TTL_MS,
@@ -778,14 +772,14 @@ class Mutations:
             bound_raw = await self.redis.get(binding)
             if bound_raw is None:
                 return False, ""
-            bound = _text(bound_raw)
+            bound = as_text(bound_raw)
             view = await self.redis.hmget(k.run(bound), list(ENTRY_FIELDS))
             if view[0] is None and view[1] is None:
                 # The run has left the buffer; its binding outlived it.
                 if int(await self.scripts.unbind(self.redis, [binding], [bound])):
                     return True, bound
                 continue
-            if _text(view[1]) == "D":
+            if as_text(view[1]) == "D":
                 if loop.time() >= deadline:
                     raise Unavailable(
                         f"run {bound} is being materialized; retry",
@@ -799,7 +793,7 @@ class Mutations:
             snap.idempotency_key = ""
             snap.ClearField("idempotency_key_expires_at")
             args: list[Any] = [
-                _text(view[8]) or "0",
+                as_text(view[8]) or "0",
                 bound,
                 "",
                 REQUEST_TTL_MS,
