@@ -24,6 +24,9 @@
             resolved to another run; "" when none did
     (Two strings rather than two arguments per run: a 1,000-run ack costs the
     client one argument to encode, not 2,000.)
+    ARGV[7] alias key prefix, mf:{env}:alias: — a run resolved to another run
+            leaves an alias to it (for ARGV[4] ms), so reading the run the
+            caller was given still answers, with the run it became
 
   Output: { acked, {rejected run ids} }
 ]]
@@ -48,6 +51,9 @@ for runId in string.gmatch(ARGV[5] or "", "%S+") do
   local runKey = prefix .. runId
   local f = rcall("HMGET", runKey, "st", "lt", "ik")
   if f[1] == "D" and f[2] == token then
+    if resolved ~= "" and resolved ~= runId and ARGV[7] then
+      rcall("SET", ARGV[7] .. runId, resolved, "PX", idemTtl)
+    end
     if f[3] and f[3] ~= "" then
       local idemKey = idemPrefix .. f[3]
       if rcall("GET", idemKey) == runId then

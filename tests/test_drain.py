@@ -405,3 +405,24 @@ async def test_a_run_id_taken_by_another_env_is_dead_lettered(app: App) -> None:
     assert "another env" in failed.last_error
     mine = await app.buffer.get_run("env_a", a.run_id)
     assert mine.source == run_pb2.RUN_SOURCE_POSTGRES
+
+
+async def test_a_run_resolved_to_an_earlier_one_still_reads(app: App) -> None:
+    """The Redis binding of a drained key lapses before the Postgres row's key
+    does. A later run with the key is then accepted, and at drain resolves to
+    the earlier row; reading it must answer with that run, not NOT_FOUND."""
+    first = snap("env_r", "org_1", idempotency_key="key-r")
+    await fill(app, [first])
+    d = drainer(app)
+    await drain_until_empty(d)
+    await app.redis.delete(env_keys("env_r").idem("task-1", "key-r"))  # lapsed
+    second = snap("env_r", "org_1", idempotency_key="key-r")
+    accepted = await app.buffer.accept(second)
+    assert accepted.run is not None and accepted.existing_run_id == ""
+    await drain_until_empty(d)
+    assert [r[0] for r in await pg_rows(app)] == [first.run_id]
+    read = await app.buffer.get_run("env_r", second.run_id)
+    assert read.run_id == first.run_id
+    assert read.source == run_pb2.RUN_SOURCE_POSTGRES
+    bound = await app.redis.get(env_keys("env_r").idem("task-1", "key-r"))
+    assert bound == first.run_id.encode()

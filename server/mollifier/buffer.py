@@ -226,7 +226,14 @@ class Buffer:
             return None
         from .materializer import read_run
 
-        return await read_run(self.pool, env_id, run_id)
+        found = await read_run(self.pool, env_id, run_id)
+        if found is None:
+            # Drained as a duplicate of an earlier run with its idempotency
+            # key: answer with the run it became (ack.lua left the alias).
+            alias = await self.redis.get(env_keys(env_id).alias_prefix + run_id)
+            if alias is not None:
+                found = await read_run(self.pool, env_id, alias.decode())
+        return found
 
     async def get_run(self, env_id: str, run_id: str) -> run_pb2.Run:
         v = Violations()

@@ -556,7 +556,7 @@ class Drainer:
         ids = " ".join([run_id for run_id, _ in runs])
         resolved = " ".join([f"{run_id} {to}" for run_id, to in runs if to])
         args: list[Any] = [k.run_prefix, k.idem_prefix, token, self.settings.idempotency_ttl_ms]
-        args += (ids, resolved)
+        args += (ids, resolved, k.alias_prefix)
         r = await self.scripts.ack(self.redis, [k.lease], args)
         return int(r[0]), [as_text(x) for x in r[1]]
 

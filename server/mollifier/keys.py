@@ -43,6 +43,7 @@ class EnvKeys:
     """The keys of one environment; all in the slot of ``{env_id}``."""
 
     __slots__ = (
+        "alias_prefix",
         "claim_prefix",
         "env",
         "env_id",
@@ -82,6 +83,9 @@ class EnvKeys:
         self.idem_prefix = f"{t}:idem:"
         # STRING per (task, key): a pre-gate claim's ownership token.
         self.claim_prefix = f"{t}:claim:"
+        # STRING per run: the earlier run it resolved to when drained (its
+        # idempotency key was already a row's), so reads of it still answer.
+        self.alias_prefix = f"{t}:alias:"
         # STRING per request id: the stored answer of a mutating call.
         self.request_prefix = f"{t}:req:"
 
