@@ -123,7 +123,7 @@ async def _drive(
         return await _drive_calls(grpc_call, method, inflight, calls, warmup)
     finally:
         for ch in opened:
-            await ch.close()
+            await ch.close(None)
 
 
 async def _drive_calls(
