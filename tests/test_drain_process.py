@@ -91,8 +91,13 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-async def wait_until(pred: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return str(r.read().decode())
+
+
+async def wait_until(pred: Callable[[], Awaitable[bool]], limit_s: float, what: str) -> None:
+    deadline = time.monotonic() + limit_s
     while not await pred():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
@@ -175,8 +180,7 @@ async def test_drain_process_materializes_reports_and_stops_on_sigterm(settings:
 
         await wait_until(counted, 10, "GetStatus to count the drain process's rows")
         assert await app.redis.keys(DRAIN_COUNTERS_PREFIX + "*")
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
+        text = await asyncio.to_thread(scrape, f"http://127.0.0.1:{metrics_port}/metrics")
         assert 'mollifier_drain_runs_total{outcome="materialized"} 1500.0' in text
         assert "mollifier_drain_batch_seconds_count" in text
         assert "mollifier_drain_batch_seconds_count 0.0" not in text
