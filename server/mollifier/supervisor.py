@@ -46,6 +46,8 @@ __all__ = [
 log = logging.getLogger("mollifier.supervisor")
 
 DRAIN_COMMAND = "_drain-process"
+# Not MOLLIFIER_*: those are settings, and children get only the settings' own.
+PARENT_PID_ENV = "_MOLLIFIER_PARENT_PID"
 WORKER_COMMAND = "_worker"
 PUBLISH_INTERVAL_S = 0.5
 COUNTERS_TTL_S = 120
@@ -85,6 +87,9 @@ class Child:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MOLLIFIER_")}
         env |= settings_env(settings)
         argv = [sys.executable, "-m", "mollifier", command, "--instance", instance]
+        # The child compares its parent with this pid, not with the parent it
+        # finds at startup: serve may die before the child gets that far.
+        env[PARENT_PID_ENV] = str(os.getpid())
         return cls(name, argv, env)
 
     @property
@@ -200,6 +205,17 @@ class CounterPublisher:
         self._sent = values
 
 
+def _parent_pid() -> int:
+    """The serving process that started us (set by Child.for_command).
+
+    Not os.getppid() read at startup: when serve was SIGKILLed while this
+    process was still importing, that is already init's pid, and an orphan
+    that takes init for its parent drains forever, alone.
+    """
+    given = os.environ.get(PARENT_PID_ENV, "")
+    return int(given) if given.isdigit() else os.getppid()
+
+
 def _stop_on_signals(stopping: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -220,7 +236,7 @@ async def drain_main(settings: Settings, instance: str) -> None:
 
     stopping = asyncio.Event()
     _stop_on_signals(stopping)
-    parent = os.getppid()
+    parent = _parent_pid()
     # The serving process has migrated already.
     app = await App.connect(settings.replace(migrate_on_start=False), start_background=False)
     try:
@@ -256,7 +272,7 @@ async def worker_main(settings: Settings, instance: str) -> None:
 
     stopping = asyncio.Event()
     _stop_on_signals(stopping)
-    parent = os.getppid()
+    parent = _parent_pid()
     provider = tracer_provider_from_env()
     app = await App.connect(settings.replace(migrate_on_start=False), start_background=False)
     try:
