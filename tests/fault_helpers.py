@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -56,6 +57,7 @@ class Sidecar:
             "MOLLIFIER_LOG_LEVEL": "ERROR",
             **env,
         }
+        self.orphans: list[int] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mollifier", "serve"],
             env=environ,
@@ -78,11 +80,39 @@ class Sidecar:
             except TimeoutError:
                 assert time.monotonic() < deadline, "the sidecar did not start"
 
+    def children(self) -> list[int]:
+        """Pids of this sidecar's child processes (the drain process, workers)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                    found.append(int(entry.name))
+        return found
+
     def kill(self) -> None:
+        """SIGKILL serve alone; its children must notice and stop by themselves."""
+        self.orphans.extend(self.children())
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
+    async def no_orphans(self, within: float = 20) -> None:
+        """The children of a killed serve exit by themselves (leftovers are
+        SIGKILLed, then reported: an orphan drainer must never run on)."""
+        deadline = time.monotonic() + within
+        while _running(self.orphans):
+            if time.monotonic() > deadline:
+                left = _running(self.orphans)
+                for p in left:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p, signal.SIGKILL)
+                raise AssertionError(f"children of a killed serve still running: {left}")
+            await asyncio.sleep(0.1)
+
     async def close(self) -> None:
+        await self.no_orphans()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -91,6 +121,10 @@ class Sidecar:
                 self.proc.kill()
                 self.proc.wait(5)
         await self.channel.close(None)
+
+
+def _running(pids: Sequence[int]) -> list[int]:
+    return [p for p in pids if Path(f"/proc/{p}").exists()]
 
 
 @dataclass

@@ -78,6 +78,7 @@ async def test_sidecar_killed_mid_trigger_burst(
         stop.set()
         await task
         await first.channel.close(None)
+        await first.no_orphans()
         assert before > 0 and len(burst.acked) > before, burst
         assert burst.decisions.get(gate_pb2.DECISION_MOLLIFY, 0) > 0, burst.decisions
         await wait_drained(redis_client, ENVS)
@@ -120,6 +121,7 @@ async def test_sidecar_killed_at_random_points_of_drain(
         await asyncio.sleep(0.2 + rnd.random() * 0.6)
         s.kill()
         await s.channel.close(None)
+        await s.no_orphans()
     async with sidecar_proc(settings.redis_url, settings.database_url):
         await wait_drained(redis_client, ENVS)
     assert_exactly_once(settings.database_url, acked)
@@ -233,6 +235,7 @@ async def test_sidecar_killed_mid_mutation_burst(
         await wait_drained(redis_client, ENVS)
     finally:
         await s1.channel.close(None)
+        await s1.no_orphans()
         await s2.close()
     assert sum(acked_incs.values()) > 0 and any(acked_tags.values()), errors
     with psycopg.connect(settings.database_url) as conn:
@@ -397,6 +400,7 @@ async def test_two_sidecars_draining_one_redis_one_killed(
         await wait_drained(redis_client, ENVS, within=90)
     finally:
         await a.channel.close(None)
+        await a.no_orphans()
         await b.close()
     assert_exactly_once(settings.database_url, {f"run_t{n}" for n in range(4000)})
     with psycopg.connect(settings.database_url) as conn:
