@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -428,9 +428,11 @@ class BufferMachine(RuleBasedStateMachine):
         assert state.failed == len(self.live("F"))
 
 
-def test_buffer_state_machine(redis_server: Any, model_loop: Loop) -> None:
+def test_buffer_state_machine(redis_factory: Callable[..., Any], model_loop: Loop) -> None:
+    # A Redis of its own: the machine owns every key in it, and nothing else
+    # (a stray drainer of another test, say) can move its runs.
     BufferMachine.loop = model_loop
-    BufferMachine.redis_url = redis_server.url
+    BufferMachine.redis_url = redis_factory().url
     run_state_machine_as_test(
         BufferMachine,
         settings=settings(
