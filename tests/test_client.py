@@ -198,8 +198,10 @@ async def test_bad_input_raises_invalid_argument_naming_the_field(
     assert isinstance(err, MollifierError)
 
     # The helpers do not swallow the caller's bugs.
+    # A generous deadline: on a loaded machine the default 0.1 s could pass
+    # first, and the helper would rightly answer FAIL_OPEN instead.
     with pytest.raises(InvalidArgumentError):
-        await aclient.trigger_or_pass(env_id="", org_id="org_1", task_identifier="t")
+        await aclient.trigger_or_pass(env_id="", org_id="org_1", task_identifier="t", timeout=10)
 
     def sync_bad() -> InvalidArgumentError:
         try:

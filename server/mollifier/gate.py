@@ -36,7 +36,7 @@ from .errors import (
     Unavailable,
 )
 from .keys import env_keys
-from .scripts import Scripts
+from .scripts import AutoPipeline, Scripts
 from .validation import Violations
 
 M = TypeVar("M", gate_pb2.EvaluateResponse, gate_pb2.TriggerResponse, gate_pb2.GateOutcome)
@@ -130,6 +130,7 @@ class Gate:
         self.scripts = scripts
         self.buffer = buffer
         self.timeout = settings.gate_timeout_ms / 1000
+        self._pipe = AutoPipeline(redis, scripts)
         self._defaults = (
             settings.trip_threshold,
             settings.trip_window_ms,
@@ -170,7 +171,12 @@ class Gate:
         try:
             # asyncio.timeout, not wait_for: no extra task per decision.
             async with asyncio.timeout(self.timeout):
-                r = await self.scripts.evaluate(self.redis, keys, args)
+                if self._pipe.usable:
+                    # Coalesced with the other decisions of this loop turn.
+                    evaluate = self.scripts.evaluate
+                    r = (await self._pipe.submit(lambda p: evaluate.queue(p, keys, args), 1))[0]
+                else:
+                    r = await self.scripts.evaluate(self.redis, keys, args)
         except Exception as exc:  # any Redis trouble: pass through, never block
             return metrics.decided(self._fail_open(exc, req.env_id), started)
         return metrics.decided(
@@ -265,7 +271,10 @@ class Gate:
 
         try:
             async with asyncio.timeout(self.timeout):
-                results = await self.scripts.execute(self.redis, build)
+                if self._pipe.usable:
+                    results = await self._pipe.submit(build, 3)
+                else:
+                    results = await self.scripts.execute(self.redis, build)
         except Exception as exc:
             # The script may have run before the failure: the caller writes the
             # run with this same run id, and materialization is idempotent on it.

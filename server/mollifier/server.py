@@ -34,7 +34,7 @@ from mollifier_client.v1 import (
 
 from .app import App
 from .config import Settings
-from .decoding import DecodeGuard
+from .decoding import Guarded
 from .drain_service import DrainServicer
 from .services import BufferServicer, GateServicer, MutateServicer
 
@@ -215,8 +215,6 @@ async def start_server(
         interceptors.append(server_interceptor(tracer_provider))
     if settings.auth_token:
         interceptors.append(_AuthInterceptor(settings.auth_token))
-    # Last: an undecodable request is INVALID_ARGUMENT, not UNKNOWN (after auth).
-    interceptors.append(DecodeGuard(SERVICE_NAMES))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -227,10 +225,13 @@ async def start_server(
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
-    gate_pb2_grpc.add_GateServiceServicer_to_server(GateServicer(app), server)
-    buffer_pb2_grpc.add_BufferServiceServicer_to_server(BufferServicer(app), server)
-    mutate_pb2_grpc.add_MutateServiceServicer_to_server(MutateServicer(app), server)
-    drain_pb2_grpc.add_DrainServiceServicer_to_server(DrainServicer(app), server)
+    # An undecodable request is INVALID_ARGUMENT, not UNKNOWN: handlers are
+    # guarded once here rather than by a per-call interceptor.
+    guarded: Any = Guarded(server)
+    gate_pb2_grpc.add_GateServiceServicer_to_server(GateServicer(app), guarded)
+    buffer_pb2_grpc.add_BufferServiceServicer_to_server(BufferServicer(app), guarded)
+    mutate_pb2_grpc.add_MutateServiceServicer_to_server(MutateServicer(app), guarded)
+    drain_pb2_grpc.add_DrainServiceServicer_to_server(DrainServicer(app), guarded)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
