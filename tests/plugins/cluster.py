@@ -71,6 +71,13 @@ class LocalCluster:
                 ),
             )  # fmt: skip
             self.nodes.append(node)
+        try:
+            self._create(replicas)
+        except BaseException:
+            self.stop()  # nothing half-started is left running
+            raise
+
+    def _create(self, replicas: int) -> None:
         for node in self.nodes:
             node.start()
         _cli(
