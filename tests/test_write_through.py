@@ -251,6 +251,8 @@ async def test_a_failed_direct_write_frees_its_key(settings: Settings, redis_url
             k = env_keys("env_w")
             assert await app.redis.get(k.idem("task-w", "k-free")) is None
             pg.start()
+            assert app.pool is not None
+            await app.pool.check()  # drop the connections the restart broke
             app.buffer.total_full = False
             again = await trigger(app, req)  # the caller's retry, same run id
             assert not again.duplicate
