@@ -367,7 +367,7 @@ async def test_fail_open_when_redis_is_killed(
 ) -> None:
     server = redis_factory()
     env = new_env()
-    async with open_app(server.url, trip_threshold=1) as app:
+    async with open_app(server.url, trip_threshold=1, gate_timeout_ms=50) as app:
         assert (await app.gate.evaluate(evaluate_request(env))).decision == PASS
         assert (await app.gate.evaluate(evaluate_request(env))).decision == MOLLIFY
         server.kill()
@@ -380,7 +380,7 @@ async def test_fail_open_when_redis_is_frozen(
 ) -> None:
     server = redis_factory()
     env = new_env()
-    async with open_app(server.url, trip_threshold=1) as app:
+    async with open_app(server.url, trip_threshold=1, gate_timeout_ms=50) as app:
         # Warm the pool and the scripts first, so the freeze hits a live connection.
         await app.gate.evaluate(evaluate_request(env))
         server.pause()
@@ -405,7 +405,7 @@ async def test_fail_open_under_client_pause(
     env = new_env()
     admin = aioredis.Redis.from_url(server.url)
     try:
-        async with open_app(server.url, trip_threshold=1) as app:
+        async with open_app(server.url, trip_threshold=1, gate_timeout_ms=50) as app:
             await app.gate.evaluate(evaluate_request(env))
             await admin.client_pause(1000, all=True)
             try:
