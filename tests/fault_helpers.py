@@ -267,3 +267,31 @@ async def sidecar_proc(redis_url: str, database_url: str, **env: str) -> Any:
         yield s
     finally:
         await s.close()
+
+
+def snapshots(n: int, tag: str, envs: Sequence[str]) -> list[run_pb2.RunSnapshot]:
+    """``n`` runs spread over ``envs`` and two orgs, ids ``run_<tag><i>``."""
+    return [
+        run_pb2.RunSnapshot(
+            run_id=f"run_{tag}{i}",
+            env_id=envs[i % len(envs)],
+            org_id=f"org_{tag}{i % 2}",
+            task_identifier="task-1",
+            payload=b'{"i":%d}' % i,
+        )
+        for i in range(n)
+    ]
+
+
+async def accept_all(app: Any, items: Sequence[run_pb2.RunSnapshot]) -> None:
+    """Buffer the runs through Buffer.accept, 250 at a time."""
+    for i in range(0, len(items), 250):
+        await asyncio.gather(*(app.buffer.accept(s) for s in items[i : i + 250]))
+
+
+def count_rows(database_url: str) -> int:
+    """Rows in mollifier.runs (run ids key the table: a duplicate cannot hide)."""
+    with psycopg.connect(database_url, connect_timeout=2) as conn:
+        row = conn.execute("SELECT count(*) FROM mollifier.runs").fetchone()
+        assert row is not None
+        return int(row[0])

@@ -17,46 +17,12 @@ import pytest
 from mollifier.app import App
 from mollifier.config import Settings
 from mollifier.devstack import PostgresProcess, free_port
-from mollifier.keys import env_keys
-from mollifier_client.v1 import run_pb2
+
+from tests.fault_helpers import accept_all, buffer_depth, count_rows, snapshots
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
 ENVS = [f"env_k{i}" for i in range(4)]
-
-
-def snaps(n: int, tag: str) -> list[run_pb2.RunSnapshot]:
-    return [
-        run_pb2.RunSnapshot(
-            run_id=f"run_{tag}{i}",
-            env_id=ENVS[i % len(ENVS)],
-            org_id=f"org_k{i % 2}",
-            task_identifier="task-1",
-            payload=b'{"i":%d}' % i,
-        )
-        for i in range(n)
-    ]
-
-
-async def fill(app: App, items: list[run_pb2.RunSnapshot]) -> None:
-    for i in range(0, len(items), 250):
-        await asyncio.gather(*(app.buffer.accept(s) for s in items[i : i + 250]))
-
-
-def count_rows(url: str) -> int:
-    with psycopg.connect(url, connect_timeout=2) as conn:
-        row = conn.execute("SELECT count(*) FROM mollifier.runs").fetchone()
-        assert row is not None
-        return int(row[0])
-
-
-async def buffer_depth(app: App) -> int:
-    total = 0
-    for env in ENVS:
-        k = env_keys(env)
-        for key in (k.queue, k.lease, k.retry, k.failed):
-            total += int(await app.redis.zcard(key))
-    return total
 
 
 def start_sidecar(redis_url: str, database_url: str, **env: str) -> subprocess.Popen[bytes]:
@@ -91,8 +57,8 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
 async def test_sidecar_killed_mid_drain_loses_and_duplicates_nothing(settings: Settings) -> None:
     app = await App.connect(settings, start_background=False)  # also migrates
     try:
-        await fill(app, snaps(5000, "k"))
-        assert await buffer_depth(app) == 5000
+        await accept_all(app, snapshots(5000, "k", ENVS))
+        assert await buffer_depth(app.redis, ENVS) == 5000
         # Slowed to ~2,500 rows/s so the kill lands mid-drain.
         proc = start_sidecar(
             settings.redis_url, settings.database_url, MOLLIFIER_DRAIN_RATE_PER_SEC="2500"
@@ -104,12 +70,12 @@ async def test_sidecar_killed_mid_drain_loses_and_duplicates_nothing(settings: S
             proc.wait(10)
         mid = count_rows(settings.database_url)
         assert mid < 5000, "the drain finished before the kill; slow it down"
-        assert await buffer_depth(app) > 0
+        assert await buffer_depth(app.redis, ENVS) > 0
         proc = start_sidecar(settings.redis_url, settings.database_url)
         try:
 
             async def drained() -> bool:
-                return await buffer_depth(app) == 0
+                return await buffer_depth(app.redis, ENVS) == 0
 
             deadline = time.monotonic() + 60
             while not await drained():
@@ -149,7 +115,7 @@ async def test_postgres_stopped_mid_drain_every_run_lands(
     )
     app = await App.connect(settings, start_background=False)
     try:
-        await fill(app, snaps(2000, "p"))
+        await accept_all(app, snapshots(2000, "p", ENVS))
         drainer = app.drainer
         drainer.settings = settings.replace(drain_enabled=True)
         drainer.start()
@@ -158,7 +124,7 @@ async def test_postgres_stopped_mid_drain_every_run_lands(
         await asyncio.sleep(2.0)
         await asyncio.to_thread(pg.start)
         deadline = time.monotonic() + 60
-        while await buffer_depth(app) > 0:
+        while await buffer_depth(app.redis, ENVS) > 0:
             assert time.monotonic() < deadline, "the drain did not recover"
             await asyncio.sleep(0.1)
         await drainer.stop(5)

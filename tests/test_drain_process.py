@@ -18,53 +18,20 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
-import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mollifier.app import App
 from mollifier.config import Settings
 from mollifier.devstack import free_port
-from mollifier.keys import DRAIN_COUNTERS_PREFIX, env_keys
+from mollifier.keys import DRAIN_COUNTERS_PREFIX
 from mollifier.supervisor import DRAIN_COMMAND, WORKER_COMMAND
-from mollifier_client.v1 import drain_pb2, drain_pb2_grpc, gate_pb2, gate_pb2_grpc, run_pb2
+from mollifier_client.v1 import drain_pb2, drain_pb2_grpc, gate_pb2, gate_pb2_grpc
+
+from tests.fault_helpers import accept_all, buffer_depth, count_rows, snapshots
 
 pytestmark = [pytest.mark.slow]
 
 ENVS = [f"env_p{i}" for i in range(4)]
-
-
-def snaps(n: int, tag: str) -> list[run_pb2.RunSnapshot]:
-    return [
-        run_pb2.RunSnapshot(
-            run_id=f"run_{tag}{i}",
-            env_id=ENVS[i % len(ENVS)],
-            org_id=f"org_p{i % 2}",
-            task_identifier="task-1",
-            payload=b'{"i":%d}' % i,
-        )
-        for i in range(n)
-    ]
-
-
-async def fill(app: App, items: list[run_pb2.RunSnapshot]) -> None:
-    for i in range(0, len(items), 250):
-        await asyncio.gather(*(app.buffer.accept(s) for s in items[i : i + 250]))
-
-
-def count_rows(url: str) -> int:
-    with psycopg.connect(url, connect_timeout=2) as conn:
-        row = conn.execute("SELECT count(DISTINCT run_id) FROM mollifier.runs").fetchone()
-        assert row is not None
-        return int(row[0])
-
-
-async def buffer_depth(app: App) -> int:
-    total = 0
-    for env in ENVS:
-        k = env_keys(env)
-        for key in (k.queue, k.lease, k.retry, k.failed):
-            total += int(await app.redis.zcard(key))
-    return total
 
 
 def children(pid: int) -> dict[int, str]:
@@ -166,10 +133,10 @@ async def test_drain_process_materializes_reports_and_stops_on_sigterm(settings:
         await wait_serving(port, proc)
         drains = children_running(proc.pid, DRAIN_COMMAND)
         assert len(drains) == 1, children(proc.pid)
-        await fill(app, snaps(1500, "a"))
+        await accept_all(app, snapshots(1500, "a", ENVS))
 
         async def drained() -> bool:
-            return await buffer_depth(app) == 0
+            return await buffer_depth(app.redis, ENVS) == 0
 
         await wait_until(drained, 60, "the drain process to empty the buffer")
         assert count_rows(settings.database_url) == 1500
@@ -207,7 +174,7 @@ async def test_sigterm_mid_drain_stops_both_within_the_grace(settings: Settings)
         MOLLIFIER_SHUTDOWN_GRACE_MS=str(grace_ms),
     )
     try:
-        await fill(app, snaps(4000, "s"))
+        await accept_all(app, snapshots(4000, "s", ENVS))
         await wait_serving(port, proc)
         drains = children_running(proc.pid, DRAIN_COMMAND)
         assert len(drains) == 1
@@ -224,7 +191,9 @@ async def test_sigterm_mid_drain_stops_both_within_the_grace(settings: Settings)
         # The grace plus interpreter start-up slack, not the grace twice.
         assert took < grace_ms / 1000 + 2.5, took
         assert not alive(drains[0])
-        assert await buffer_depth(app) > 0, "the buffer emptied before SIGTERM; slow it down"
+        assert await buffer_depth(app.redis, ENVS) > 0, (
+            "the buffer emptied before SIGTERM; slow it down"
+        )
     finally:
         stop(proc)
         await app.close(grace=1)
@@ -237,7 +206,7 @@ async def test_killed_drain_process_is_restarted_and_the_buffer_drains(
     port = free_port()
     proc = start_serve(settings, port, MOLLIFIER_DRAIN_RATE_PER_SEC="2500")
     try:
-        await fill(app, snaps(5000, "k"))
+        await accept_all(app, snapshots(5000, "k", ENVS))
         await wait_serving(port, proc)
         first = children_running(proc.pid, DRAIN_COMMAND)
         assert len(first) == 1
@@ -253,10 +222,12 @@ async def test_killed_drain_process_is_restarted_and_the_buffer_drains(
             return len(now) == 1 and now[0] != first[0] and alive(now[0])
 
         await wait_until(restarted, 20, "serve to restart the drain process")
-        assert await buffer_depth(app) > 0, "the drain finished before the kill; slow it down"
+        assert await buffer_depth(app.redis, ENVS) > 0, (
+            "the drain finished before the kill; slow it down"
+        )
 
         async def drained() -> bool:
-            return await buffer_depth(app) == 0
+            return await buffer_depth(app.redis, ENVS) == 0
 
         await wait_until(drained, 90, "the restarted drain process to empty the buffer")
         assert count_rows(settings.database_url) == 5000
