@@ -4,6 +4,7 @@ and the operator's commands (status, inspect, drain) against a live sidecar."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import queue
@@ -88,12 +89,18 @@ def test_serve_without_redis_url_exits_2() -> None:
     assert "MOLLIFIER_REDIS_URL" in done.stderr
 
 
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    # Not tmp_path: postgres runs as its own user and must reach the folder.
-    folder = Path(tempfile.mkdtemp(prefix="mollifier-dev-"))
+@pytest.fixture(params=["open", "closed"])
+def data_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A dev data folder whose parents postgres can reach ("open"), or one
+    inside a folder closed to others, like a clone under /root ("closed"):
+    then, as root, dev keeps Postgres under the temporary directory instead."""
+    top = Path(tempfile.mkdtemp(prefix="mollifier-dev-"))  # mode 0700
+    folder = top if request.param == "open" else top / "clone" / ".mollifier"
     yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(top, ignore_errors=True)
+    if request.param == "closed":
+        digest = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
+        shutil.rmtree(Path(tempfile.gettempdir()) / f"mollifier-dev-{digest}", ignore_errors=True)
 
 
 @pytest.fixture
@@ -144,6 +151,8 @@ def test_dev_starts_its_own_stores_and_serves(data_dir: Path, errors: IO[str]) -
             if line.strip().startswith("grpcurl "):
                 try_line = line.strip()
         text = "".join(seen)
+        closed = data_dir.name == ".mollifier"
+        assert ("is closed to others" in text) == (closed and os.geteuid() == 0)
         redis_port = int(re.search(r"redis:\s+redis://127\.0\.0\.1:(\d+)", text).group(1))  # type: ignore[union-attr]
         pg_port = int(re.search(r"postgres:\s+\S+@127\.0\.0\.1:(\d+)", text).group(1))  # type: ignore[union-attr]
         assert port_open(redis_port)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import shlex
 import signal
 import stat
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -163,17 +165,23 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _traversable_by_others(folder: Path) -> None:
-    """Postgres runs as the ``postgres`` user when we are root; it must reach its folder."""
+def _postgres_folder(data_dir: Path) -> Path:
+    """Where ``mollifier dev`` keeps Postgres.
+
+    Postgres runs as the ``postgres`` user when we are root, so it must reach
+    its folder. When a parent of the data folder is closed to others (a clone
+    under /root, say), Postgres goes to a folder of its own under the system's
+    temporary directory instead, named after the data folder so it is found
+    again on the next run.
+    """
+    folder = data_dir / "postgres"
     if os.geteuid() != 0:
-        return
-    folder.chmod(folder.stat().st_mode | stat.S_IXOTH)
-    for parent in folder.parents:
-        if not parent.stat().st_mode & stat.S_IXOTH:
-            raise ConfigError(
-                f"MOLLIFIER_DEV_DATA_DIR={folder}: {parent} is not searchable by the postgres "
-                "user (chmod o+x it, or choose another folder)"
-            )
+        return folder
+    data_dir.chmod(data_dir.stat().st_mode | stat.S_IXOTH)
+    if all(parent.stat().st_mode & stat.S_IXOTH for parent in data_dir.parents):
+        return folder
+    digest = hashlib.sha1(str(data_dir).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"mollifier-dev-{digest}" / "postgres"
 
 
 def _try_line(settings: Settings, listen: str) -> str:
@@ -213,8 +221,12 @@ def _cmd_dev(args: argparse.Namespace) -> int:
             overrides["redis_url"] = redis.url
         if not settings.database_url:
             data_dir.mkdir(parents=True, exist_ok=True)
-            _traversable_by_others(data_dir)
-            pg = PostgresProcess(data_dir / "postgres")
+            pg_folder = _postgres_folder(data_dir)
+            if pg_folder.parent != data_dir:
+                print(f"postgres data in {pg_folder} ({data_dir} is closed to others)")
+                pg_folder.parent.mkdir(parents=True, exist_ok=True)
+                pg_folder.parent.chmod(0o755)
+            pg = PostgresProcess(pg_folder)
             pg.start()
             stoppers.append(pg.stop)
             overrides["database_url"] = pg.url
