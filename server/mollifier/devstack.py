@@ -85,6 +85,9 @@ class RedisProcess:
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "always",
+            # A buffered run is a hash whose snapshot is usually over the 64-byte
+            # default: keep such hashes compact (listpack), half the memory.
+            "--hash-max-listpack-value", "1024",
             "--logfile", str(log),
             "--daemonize", "no",
             *self.extra_args,
