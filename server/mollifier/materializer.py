@@ -389,23 +389,23 @@ def copy_text(entries: Sequence[Entry], now: int) -> str:
     return "\n".join(lines)
 
 
-_UNNEST_SQL = (
-    "INSERT INTO mollifier.runs ({cols}) SELECT {exprs} FROM unnest({params}) AS u({cols}) "
-    "ON CONFLICT DO NOTHING RETURNING run_id"
-).format(
-    cols=", ".join(COLUMN_NAMES),
-    exprs=", ".join(_select_expr(n, f"u.{n}") for n in COLUMN_NAMES),
-    params=", ".join(f"%s::{t}[]" for _, t in _COLUMNS),
-)
+def _insert_sql(source: str, param: str) -> str:
+    """INSERT ... SELECT from ``source`` (an unnest or a VALUES row, ``{}`` for
+    the parameters, one ``param`` per column), skipping any conflict and
+    returning the ids inserted."""
+    params = ", ".join(param.format(t) for _, t in _COLUMNS)
+    return (
+        "INSERT INTO mollifier.runs ({cols}) SELECT {exprs} FROM {source} AS u({cols}) "
+        "ON CONFLICT DO NOTHING RETURNING run_id"
+    ).format(
+        cols=", ".join(COLUMN_NAMES),
+        exprs=", ".join(_select_expr(n, f"u.{n}") for n in COLUMN_NAMES),
+        source=source.format(params),
+    )
 
-_ONE_SQL = (
-    "INSERT INTO mollifier.runs ({cols}) SELECT {exprs} FROM (VALUES ({params})) AS u({cols}) "
-    "ON CONFLICT DO NOTHING RETURNING run_id"
-).format(
-    cols=", ".join(COLUMN_NAMES),
-    exprs=", ".join(_select_expr(n, f"u.{n}") for n in COLUMN_NAMES),
-    params=", ".join(f"%s::{t}" for _, t in _COLUMNS),
-)
+
+_UNNEST_SQL = _insert_sql("unnest({})", "%s::{}[]")
+_ONE_SQL = _insert_sql("(VALUES ({}))", "%s::{}")
 
 # An expired key frees itself: clear it on the old row so a new run may bind it.
 _RELEASE_EXPIRED_SQL = (
