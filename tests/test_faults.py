@@ -303,7 +303,8 @@ async def test_redis_paused_during_burst_gate_fails_open(
             if how == "sigstop":
                 server.pause()
             else:
-                await client.client_pause(2000, all=True)
+                # Longer than the wait below, so the Evaluate lands inside the pause.
+                await client.client_pause(4000, all=True)
             await asyncio.sleep(2.0)
             # Evaluate alone also answers while Redis is away.
             started = time.monotonic()
