@@ -97,6 +97,8 @@ class App:
                 await task
         self._tasks.clear()
         with contextlib.suppress(Exception):
+            await self.gate.aclose()
+        with contextlib.suppress(Exception):
             await self.redis.aclose()
         if self.pool is not None:
             with contextlib.suppress(Exception):

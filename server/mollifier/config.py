@@ -60,6 +60,11 @@ class Settings:
     gate_timeout_ms: int = _setting(
         50, "Bound on a gate decision's Redis call; past it the answer is FAIL_OPEN.", minimum=1
     )
+    gate_direct_redis: bool = _setting(
+        True,
+        "Gate decisions share one pipelined Redis connection of their own (a lean RESP "
+        "client) instead of redis-py's pool; ignored on Redis Cluster.",
+    )
     direct_write_timeout_ms: int = _setting(
         2000,
         "Bound on a write-through Trigger's Postgres insert; past it the run is buffered.",

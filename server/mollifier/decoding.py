@@ -17,7 +17,7 @@ import grpc
 
 from .errors import InvalidArgument, to_status
 
-__all__ = ["Guarded", "guard"]
+__all__ = ["GenericOnly", "Guarded", "guard"]
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -65,16 +65,33 @@ def guard(handler: Handler) -> Handler:
     )
 
 
-class Guarded:
-    """Stands in for the server while generated ``add_*Servicer_to_server``
-    functions register a service, guarding each handler once, at start-up.
+class GenericOnly:
+    """Stands in for the server while a generated ``add_*Servicer_to_server``
+    registers a service: its methods are added as generic handlers only.
 
-    An interceptor would do the same per call, and grpc.aio interceptors cost
-    a coroutine and a new handler on every RPC of the hot path.
+    Why not registered methods too: grpc.aio keeps one pending request task
+    per registered method and its accept loop calls ``asyncio.wait`` over all
+    of them for every RPC, so with our ~30 methods each call paid for ~30
+    callbacks added and removed in pure Python (the largest single cost of an
+    Evaluate in the profile). With generic handlers alone there is one task.
     """
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[Any]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Handler]) -> None:
+        return None
+
+
+class Guarded(GenericOnly):
+    """Like :class:`GenericOnly`, guarding each handler once, at start-up.
+
+    An interceptor would do the same per call, and grpc.aio interceptors cost
+    a coroutine and a new handler on every RPC of the hot path.
+    """
 
     def add_generic_rpc_handlers(self, handlers: Sequence[Any]) -> None:
         # The unguarded copy; the guarded one is added with the method table below.
@@ -85,4 +102,3 @@ class Guarded:
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, guarded),)
         )
-        self._server.add_registered_method_handlers(service, guarded)  # type: ignore[attr-defined]

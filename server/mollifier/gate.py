@@ -36,6 +36,7 @@ from .errors import (
     Unavailable,
 )
 from .keys import env_keys
+from .resp import Batch, DirectPipeline
 from .scripts import AutoPipeline, Scripts
 from .validation import Violations
 
@@ -53,6 +54,8 @@ ORG_FLAG = "mollifierEnabled"
 MAX_BATCH = 1000
 DEFAULT_CLAIM_TTL_MS = 30_000
 MAX_CLAIM_TTL_MS = 600_000
+# Bound on the per-env caches of the hot path (cleared whole when reached).
+MAX_CACHED_ENVS = 10_000
 
 
 class GateRequest(Protocol):
@@ -130,13 +133,31 @@ class Gate:
         self.scripts = scripts
         self.buffer = buffer
         self.timeout = settings.gate_timeout_ms / 1000
-        self._pipe = AutoPipeline(redis, scripts)
+        self._pipe: AutoPipeline | DirectPipeline = AutoPipeline(redis, scripts)
+        self._direct: DirectPipeline | None = None
+        if self._pipe.usable and settings.gate_direct_redis and settings.redis_url:
+            # The gate's calls are small and many: one connection of their own,
+            # written once per loop turn, costs far less per call than the pool;
+            # it also bounds each call by the gate timeout itself.
+            self._direct = DirectPipeline(settings.redis_url, scripts, timeout=self.timeout)
+            self._pipe = self._direct
+        # Per env: its whole evaluate.lua call, packed once (keys and the
+        # default policy never change while serving).
+        self._evaluate_cmds: dict[str, bytes] = {}
+        # (env_id, org_id, task_identifier) triples already found valid, so
+        # the hot path does not run three regexes per call.
+        self._valid_ids: set[tuple[str, str, str]] = set()
         self._defaults = (
             settings.trip_threshold,
             settings.trip_window_ms,
             settings.trip_hold_ms,
             "1" if settings.shadow_mode else "0",
         )
+
+    async def aclose(self) -> None:
+        """Close the gate's own Redis connection (if it has one)."""
+        if self._direct is not None:
+            await self._direct.aclose()
 
     # -- the cascade -----------------------------------------------------------
 
@@ -158,15 +179,52 @@ class Gate:
         k = env_keys(env_id)
         return [k.gate, k.policy, k.queue, k.lease, k.retry], self._defaults
 
+    def check(self, req: GateRequest, *, task_required: bool) -> None:
+        """Validate a gate request (INVALID_ARGUMENT naming every bad field)."""
+        ids = (req.env_id, req.org_id, req.task_identifier)
+        if (
+            ids in self._valid_ids
+            and not req.one_time_use_token
+            and len(req.org_feature_flags) <= 256
+            and (req.task_identifier or not task_required)
+        ):
+            return
+        v = Violations()
+        check_gate_request(v, req, task_required=task_required)
+        v.raise_if_any()
+        if len(self._valid_ids) >= MAX_CACHED_ENVS:
+            self._valid_ids.clear()
+        self._valid_ids.add(ids)
+
+    def _evaluate_cmd(self, env_id: str) -> bytes:
+        cmd = self._evaluate_cmds.get(env_id)
+        if cmd is None:
+            keys, args = self._evaluate_call(env_id)
+            batch = Batch()
+            self.scripts.evaluate.queue(batch, keys, args)
+            cmd = batch.chunks[0]
+            if len(self._evaluate_cmds) >= MAX_CACHED_ENVS:
+                self._evaluate_cmds.clear()
+            self._evaluate_cmds[env_id] = cmd
+        return cmd
+
     async def evaluate(self, req: GateRequest) -> Outcome:
         """One decision; never raises for a store failure (FAIL_OPEN instead)."""
         started = time.perf_counter()
-        v = Violations()
-        check_gate_request(v, req, task_required=False)
-        v.raise_if_any()
+        self.check(req, task_required=False)
         pre = self.pre_decision(req)
         if pre is not None:
             return metrics.decided(pre, started)
+        direct = self._direct
+        if direct is not None:
+            try:
+                # The pipeline's own deadline bounds the call (no timer per call).
+                r = (await direct.submit(self._evaluate_cmd(req.env_id), 1))[0]
+            except Exception as exc:  # any Redis trouble: pass through, never block
+                return metrics.decided(self._fail_open(exc, req.env_id), started)
+            return metrics.decided(
+                Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])), started
+            )
         keys, args = self._evaluate_call(req.env_id)
         try:
             # asyncio.timeout, not wait_for: no extra task per decision.
@@ -184,39 +242,58 @@ class Gate:
         )
 
     async def evaluate_batch(self, reqs: Sequence[GateRequest]) -> list[Outcome]:
-        """Many decisions in one Redis round trip, in order."""
+        """Many decisions in one Redis round trip, in order.
+
+        The inputs of one env are decided by one script call (evaluate.lua
+        with a count), as that many Evaluates in a row would be; envs are
+        independent, so their calls go out together in one pipeline.
+        """
         if len(reqs) > MAX_BATCH:
             raise InvalidArgument([("inputs", f"must hold at most {MAX_BATCH} inputs")])
-        v = Violations()
+        bad: Violations | None = None
         for i, req in enumerate(reqs):
-            sub = Violations()
-            check_gate_request(sub, req, task_required=False)
-            for field, desc in sub.items:
-                v.add(f"inputs[{i}].{field}", desc)
-        v.raise_if_any()
+            try:
+                self.check(req, task_required=False)
+            except InvalidArgument as exc:
+                bad = bad or Violations()
+                for field, desc in exc.violations:
+                    bad.add(f"inputs[{i}].{field}", desc)
+        if bad is not None:
+            bad.raise_if_any()
         started = time.perf_counter()
         outcomes: list[Outcome | None] = [self.pre_decision(r) for r in reqs]
-        todo = [i for i, o in enumerate(outcomes) if o is None]
-        if todo:
+        by_env: dict[str, list[int]] = {}
+        for i, o in enumerate(outcomes):
+            if o is None:
+                by_env.setdefault(reqs[i].env_id, []).append(i)
+        if by_env:
+            groups = list(by_env.items())
 
             def build(pipe: Any) -> None:
-                for i in todo:
-                    keys, args = self._evaluate_call(reqs[i].env_id)
-                    self.scripts.evaluate.queue(pipe, keys, args)
+                for env_id, idx in groups:
+                    keys, args = self._evaluate_call(env_id)
+                    self.scripts.evaluate.queue(pipe, keys, (*args, len(idx)))
 
             try:
-                async with asyncio.timeout(self.timeout):
-                    results = await self.scripts.execute(self.redis, build)
+                if self._direct is not None:
+                    results = await self._direct.submit(build, len(groups))
+                else:
+                    async with asyncio.timeout(self.timeout):
+                        results = await self.scripts.execute(self.redis, build)
             except Exception as exc:
                 failed = self._fail_open(exc)
-                results = None
-            for n, i in enumerate(todo):
-                if results is None:
-                    outcomes[i] = failed
-                else:
-                    r = results[n]
-                    outcomes[i] = Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]))
-        return [metrics.decided(o, started, "evaluate_batch") for o in outcomes if o is not None]
+                for _, idx in groups:
+                    for i in idx:
+                        outcomes[i] = failed
+            else:
+                for (_, idx), r in zip(groups, results, strict=True):
+                    for n, i in enumerate(idx):
+                        j = 5 * n
+                        outcomes[i] = Outcome(
+                            int(r[j]), int(r[j + 1]), int(r[j + 2]), int(r[j + 3]), int(r[j + 4])
+                        )
+        done = [o for o in outcomes if o is not None]
+        return metrics.decided_many(done, started, "evaluate_batch")
 
     def _fail_open(self, exc: BaseException, env_id: str = "") -> Outcome:
         log.warning(
@@ -232,9 +309,7 @@ class Gate:
         is written to Postgres by the sidecar too (see ``_write_direct``).
         """
         started = time.perf_counter()
-        v = Violations()
-        check_gate_request(v, req, task_required=True)
-        v.raise_if_any()
+        self.check(req, task_required=True)
         snap = self.buffer.prepare_snapshot(
             snapshot,
             env_id=req.env_id,

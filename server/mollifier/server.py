@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 from mollifier_client.v1 import (
     buffer_pb2,
     buffer_pb2_grpc,
@@ -34,7 +35,7 @@ from mollifier_client.v1 import (
 
 from .app import App
 from .config import Settings
-from .decoding import Guarded
+from .decoding import GenericOnly, Guarded
 from .drain_service import DrainServicer
 from .services import BufferServicer, GateServicer, MutateServicer
 
@@ -233,9 +234,13 @@ async def start_server(
     mutate_pb2_grpc.add_MutateServiceServicer_to_server(MutateServicer(app), guarded)
     drain_pb2_grpc.add_DrainServiceServicer_to_server(DrainServicer(app), guarded)
     health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, HEALTH_NAME, reflection.SERVICE_NAME), server
+    generic: Any = GenericOnly(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, generic)
+    # What reflection.enable_server_reflection does for an aio server, with
+    # the methods added as generic handlers (see GenericOnly).
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        ReflectionServicer((*SERVICE_NAMES, HEALTH_NAME, reflection.SERVICE_NAME)),
+        generic,
     )
     creds = _credentials(settings)
     if creds is None:
