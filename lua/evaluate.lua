@@ -14,11 +14,15 @@
     ARGV[2] default window (ms)
     ARGV[3] default hold (ms)
     ARGV[4] shadow mode: "1" or "0"
+    ARGV[5] (optional) n, how many triggers of this env to decide at once
+            (EvaluateBatch); absent or 1: one
 
   Output: { decision, reason, windowCount, threshold, trippedUntilMs }
     decision: 1 PASS_THROUGH, 2 SHADOW_LOG, 3 MOLLIFY
     reason:   6 UNDER_THRESHOLD, 7 TRIPPED, 8 BACKLOG, 9 SHADOW_TRIPPED
     trippedUntilMs: 0 when not tripped
+  With n > 1: those five values for each trigger in turn, one flat list of
+  5 * n, decided as n calls in a row at the same time would be.
 ]]
 local rcall = redis.call
 local gateKey, policyKey = KEYS[1], KEYS[2]
@@ -28,8 +32,26 @@ local queueKey, leaseKey, retryKey = KEYS[3], KEYS[4], KEYS[5]
 --- @include "includes/gate"
 
 local now = now_ms()
-local windowCount, threshold, trippedUntil, tripped =
-  gate_window(gateKey, policyKey, now, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), true)
+local n = tonumber(ARGV[5]) or 1
+if n <= 1 then
+  local windowCount, threshold, trippedUntil, tripped =
+    gate_window(gateKey, policyKey, now, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), true)
+  local backlog = gate_backlog(queueKey, leaseKey, retryKey)
+  local decision, reason = gate_decide(tripped, backlog, ARGV[4] == "1")
+  return { decision, reason, windowCount, threshold, trippedUntil }
+end
+local threshold, counts, untils, trips =
+  gate_window_many(gateKey, policyKey, now, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), n)
 local backlog = gate_backlog(queueKey, leaseKey, retryKey)
-local decision, reason = gate_decide(tripped, backlog, ARGV[4] == "1")
-return { decision, reason, windowCount, threshold, trippedUntil }
+local shadow = ARGV[4] == "1"
+local out = {}
+for i = 1, n do
+  local decision, reason = gate_decide(trips[i], backlog, shadow)
+  local j = 5 * (i - 1)
+  out[j + 1] = decision
+  out[j + 2] = reason
+  out[j + 3] = counts[i]
+  out[j + 4] = threshold
+  out[j + 5] = untils[i]
+end
+return out

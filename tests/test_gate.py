@@ -671,3 +671,27 @@ async def test_evaluate_batch_matches_single_decisions(redis_url: str) -> None:
             (PASS, R.DECISION_REASON_ORG_NOT_ENABLED),
             (MOLLIFY, R.DECISION_REASON_TRIPPED),
         ]
+
+
+async def test_evaluate_batch_per_env_call_matches_evaluates_in_a_row(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """One script call per env decides its inputs exactly as Evaluates in a
+    row would: the same answers and window counts, and the same gate state."""
+    batch_a, batch_b, single_a, single_b = (new_env() for _ in range(4))
+    async with open_app(redis_url, trip_threshold=3, trip_hold_ms=60_000) as app:
+        order = [batch_a, batch_b, batch_a, batch_a, batch_b, batch_a, batch_a]
+        outs = await app.gate.evaluate_batch([evaluate_request(e) for e in order])
+        singles = {batch_a: single_a, batch_b: single_b}
+        expected = [await app.gate.evaluate(evaluate_request(singles[e])) for e in order]
+        assert [(o.decision, o.reason, o.window_count, o.threshold) for o in outs] == [
+            (o.decision, o.reason, o.window_count, o.threshold) for o in expected
+        ]
+        # Env a tripped at its 4th trigger; b never did.
+        assert [o.decision for o in outs] == [PASS, PASS, PASS, PASS, PASS, MOLLIFY, MOLLIFY]
+        assert outs[5].tripped_until_ms > 0 and outs[4].tripped_until_ms == 0
+        for batched, single in singles.items():
+            got = await redis_client.hmget(env_keys(batched).gate, ["wc", "tu"])
+            want = await redis_client.hmget(env_keys(single).gate, ["wc", "tu"])
+            assert got[0] == want[0]
+            assert (got[1] == b"0") == (want[1] == b"0")

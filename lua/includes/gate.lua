@@ -51,6 +51,40 @@ local function gate_window(gateKey, policyKey, now, defThreshold, defWindow, def
   return windowCount, threshold, tu, tripped
 end
 
+-- Counts n triggers that arrive together: the same as n calls of
+-- gate_window(..., true) at the same `now`, with one read and one write of
+-- the gate hash. Returns the threshold and, per trigger in order, its
+-- windowCount, trippedUntil (0 when not tripped) and whether it is tripped.
+local function gate_window_many(gateKey, policyKey, now, defThreshold, defWindow, defHold, n)
+  local threshold, window, hold = gate_policy(policyKey, defThreshold, defWindow, defHold)
+  local g = rcall("HMGET", gateKey, "ws", "wc", "wp", "tu")
+  local ws = tonumber(g[1]) or 0
+  local wc = tonumber(g[2]) or 0
+  local wp = tonumber(g[3]) or 0
+  local tu = tonumber(g[4]) or 0
+  local bucket = now - (now % window)
+  if ws ~= bucket then
+    if ws == bucket - window then wp = wc else wp = 0 end
+    wc = 0
+    ws = bucket
+  end
+  local weight = (window - (now - bucket)) / window
+  local carried = math.floor(wp * weight)
+  local counts, untils, trips = {}, {}, {}
+  for i = 1, n do
+    wc = wc + 1
+    local windowCount = carried + wc
+    if windowCount > threshold then tu = now + hold end
+    local tripped = tu > now or windowCount > threshold
+    counts[i] = windowCount
+    untils[i] = tripped and tu or 0
+    trips[i] = tripped
+  end
+  rcall("HSET", gateKey, "ws", ws, "wc", wc, "wp", wp, "tu", tu)
+  rcall("PEXPIRE", gateKey, math.max(2 * window, tu - now) + 1000)
+  return threshold, counts, untils, trips
+end
+
 -- Runs of an env still buffered (queued, leased or backing off): while any
 -- remain, new triggers of the env are buffered too, so they keep arrival order.
 local function gate_backlog(queueKey, leaseKey, retryKey)

@@ -127,6 +127,29 @@ def decided(outcome: OutcomeT, started: float, call: str = "evaluate") -> Outcom
     return outcome
 
 
+def decided_many(outcomes: list[OutcomeT], started: float, call: str) -> list[OutcomeT]:
+    """Count a batch's decisions (one increment per distinct decision and
+    reason) and observe the batch's latency once; returns them."""
+    counts: dict[tuple[int, int], int] = {}
+    for outcome in outcomes:
+        key = (getattr(outcome, "decision", 0), getattr(outcome, "reason", 0))
+        counts[key] = counts.get(key, 0) + 1
+    for key, n in counts.items():
+        child = _children.get(key)
+        if child is None:
+            child = _DECISIONS.labels(
+                _enum_label(gate_pb2.Decision, key[0], "DECISION_"),
+                _enum_label(gate_pb2.DecisionReason, key[1], "DECISION_REASON_"),
+            )
+            _children[key] = child
+        child.inc(n)
+    timer = _timers.get(call)
+    if timer is None:
+        timer = _timers[call] = _DECISION_SECONDS.labels(call)
+    timer.observe(time.perf_counter() - started)
+    return outcomes
+
+
 def direct_write_fallback() -> None:
     """A write-through trigger went to the buffer because Postgres failed."""
     _DIRECT_FALLBACKS.inc()
