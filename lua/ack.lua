@@ -45,12 +45,16 @@ for word in string.gmatch(ARGV[6] or "", "%S+") do
   end
 end
 
-local acked, rejected, done = 0, {}, {}
+-- The hashes are deleted together at the end; `isDone` keeps a run named
+-- twice from being acked twice (its second mention is rejected, as when each
+-- hash went at once).
+local acked, rejected, done, doneKeys, isDone = 0, {}, {}, {}, {}
 for runId in string.gmatch(ARGV[5] or "", "%S+") do
   local resolved = resolvedOf[runId] or ""
   local runKey = prefix .. runId
   local f = rcall("HMGET", runKey, "st", "lt", "ik")
-  if f[1] == "D" and f[2] == token then
+  if f[1] == "D" and f[2] == token and not isDone[runId] then
+    isDone[runId] = true
     if resolved ~= "" and resolved ~= runId and ARGV[7] then
       rcall("SET", ARGV[7] .. runId, resolved, "PX", idemTtl)
     end
@@ -65,14 +69,19 @@ for runId in string.gmatch(ARGV[5] or "", "%S+") do
         end
       end
     end
-    rcall("DEL", runKey)
     done[#done + 1] = runId
+    doneKeys[#doneKeys + 1] = runKey
     acked = acked + 1
   else
     rejected[#rejected + 1] = runId
   end
 end
-if #done > 0 then
-  rcall("ZREM", leaseKey, unpack(done))
+-- One DEL and one ZREM per 500 runs rather than a DEL per run; in chunks
+-- because unpack takes a few thousand values at most and an external Ack
+-- may name more runs than one lease holds.
+for i = 1, #done, 500 do
+  local j = math.min(i + 499, #done)
+  rcall("DEL", unpack(doneKeys, i, j))
+  rcall("ZREM", leaseKey, unpack(done, i, j))
 end
 return { acked, rejected }

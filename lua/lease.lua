@@ -11,6 +11,13 @@
   attempt, so a run whose batch kills its drainer (and is never nacked) still
   runs out of attempts and is dead-lettered instead of looping forever.
 
+  A lease writes only what a holder and the other scripts read: st, lt and at.
+  The deadline lives in the lease zset (its score), not in the hash, and the
+  version `v` is not raised: a leased run (state D) cannot be mutated, and it
+  leaves state D only through ack (the hash is deleted), nack or reclaim (both
+  raise `v`), so a compare-and-set against a version read before the lease
+  still fails. This per-run write is the drain's largest cost in Redis.
+
   Input:
     KEYS[1] queue zset    mf:{env}:q
     KEYS[2] lease zset    mf:{env}:lease
@@ -40,6 +47,8 @@ local maxAttempts, reclaimMax = tonumber(ARGV[5]), tonumber(ARGV[6])
 
 local now = now_ms()
 local deadline = now + leaseMs
+-- Formatted once: as a number it would be converted for every run's ZADD.
+local deadlineText = string.format("%d", deadline)
 local reclaimed, deadLettered = 0, 0
 
 -- Expired leases: back to the head, or dead-lettered when out of attempts.
@@ -49,6 +58,7 @@ for _, runId in ipairs(expired) do
   rcall("ZREM", leaseKey, runId)
   local f = rcall("HMGET", runKey, "sc", "at")
   if f[1] then
+    -- `ld` is no longer written; cleared for entries leased before that.
     rcall("HDEL", runKey, "lt", "ld")
     if (tonumber(f[2]) or 0) >= maxAttempts then
       rcall("HSET", runKey, "st", "F", "le", "lease expired after " .. (f[2] or "0") .. " attempts")
@@ -83,13 +93,12 @@ if want > 0 then
     local leased = {}
     for _, runId in ipairs(ids) do
       local runKey = prefix .. runId
-      local f = rcall("HMGET", runKey, "s", "ca", "at", "cx", "cr", "le", "v")
+      local f = rcall("HMGET", runKey, "s", "ca", "at", "cx", "cr", "le")
       -- A queue ref whose hash is gone (should not happen): dropped, never leased.
       if f[1] then
         local at = (tonumber(f[3]) or 0) + 1
-        rcall("HSET", runKey, "st", "D", "lt", token, "ld", deadline, "at", at,
-          "v", (tonumber(f[7]) or 0) + 1)
-        leased[#leased + 1] = deadline
+        rcall("HSET", runKey, "st", "D", "lt", token, "at", at)
+        leased[#leased + 1] = deadlineText
         leased[#leased + 1] = runId
         local n = #entries
         entries[n + 1] = runId

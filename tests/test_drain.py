@@ -426,3 +426,52 @@ async def test_a_run_resolved_to_an_earlier_one_still_reads(app: App) -> None:
     assert read.source == run_pb2.RUN_SOURCE_POSTGRES
     bound = await app.redis.get(env_keys("env_r").idem("task-1", "key-r"))
     assert bound == first.run_id.encode()
+
+
+async def test_an_ack_naming_a_run_twice_acks_it_once(app: App) -> None:
+    """ack.lua deletes the acked hashes together at the end: a run named twice
+    in one ack is acked once and its second mention rejected, as before."""
+    ids = await fill(app, (snap("env_twice", "org_1") for _ in range(3)), at_once=1)
+    d = drainer(app)
+    batch = await d.lease_env("env_twice", 10, 30_000, "tok-twice")
+    assert [r.run_id for r in batch.runs] == ids
+    acked, rejected = await d.ack_env(
+        "env_twice", "tok-twice", [(ids[0], ""), (ids[1], ""), (ids[0], ""), (ids[2], "")]
+    )
+    assert (acked, rejected) == (3, [ids[0]])
+    assert await buffered(app, "env_twice") == 0
+    k = env_keys("env_twice")
+    assert [await app.redis.exists(k.run(i)) for i in ids] == [0, 0, 0]
+
+
+async def test_a_lease_writes_state_token_and_attempts_and_a_reclaim_raises_the_version(
+    app: App,
+) -> None:
+    """A lease writes only st, lt and at (its deadline is the lease zset's
+    score). It leaves the version alone: a leased run cannot be mutated, and
+    the only ways back to the queue (reclaim, nack) raise the version, so a
+    compare-and-set against a version read before the lease still fails."""
+    (run_id,) = await fill(app, [snap("env_lv", "org_1")])
+    k = env_keys("env_lv")
+    before = await app.redis.hgetall(k.run(run_id))
+    d = drainer(app)
+    batch = await d.lease_env("env_lv", 10, 200, "tok-lv")
+    leased = await app.redis.hgetall(k.run(run_id))
+    assert (leased[b"st"], leased[b"lt"], leased[b"at"]) == (b"D", b"tok-lv", b"1")
+    assert b"ld" not in leased
+    assert {f: v for f, v in leased.items() if f not in (b"st", b"lt", b"at")} == {
+        f: v for f, v in before.items() if f not in (b"st", b"at")
+    }
+    deadline = await app.redis.zscore(k.lease, run_id)
+    assert deadline is not None and int(deadline) == batch.deadline_ms
+    await asyncio.sleep(0.25)
+    reclaim = await d.lease_env("env_lv", 0, 200, "nobody")
+    assert reclaim.reclaimed == 1
+    back = await app.redis.hgetall(k.run(run_id))
+    assert back[b"st"] == b"Q" and b"lt" not in back
+    assert int(back[b"v"]) > int(before[b"v"])
+    # Leased and nacked: the version is raised on the way back too.
+    again = await d.lease_env("env_lv", 10, 30_000, "tok-lv2")
+    assert again.runs[0].attempts == 2
+    await d.nack_env("env_lv", "tok-lv2", [run_id], delay_ms=60_000)
+    assert int(await app.redis.hget(k.run(run_id), "v")) > int(back[b"v"])

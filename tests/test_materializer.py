@@ -16,6 +16,7 @@ from mollifier.materializer import (
     materialize_one,
     read_run,
     read_run_by_idempotency_key,
+    write_batch,
 )
 from mollifier.migrations import migrate
 from mollifier_client.v1 import run_pb2
@@ -220,3 +221,90 @@ async def test_copy_and_insert_write_awkward_text_identically(
     assert json.loads(got.snapshot.metadata) == json.loads(copied.metadata)
     got.snapshot.metadata = copied.metadata
     assert got.snapshot == copied
+
+
+async def test_copy_batch_writes_awkward_text_like_the_one_row_insert(
+    pool: AsyncConnectionPool,
+) -> None:
+    """A batch of more than one run takes the COPY path, whose text is built by
+    hand and checked for characters COPY must escape once per batch: awkward
+    runs among plain ones must be stored exactly as the one-row INSERT stores
+    them, and the plain ones as they are."""
+
+    def awkward(run_id: str, key: str) -> run_pb2.RunSnapshot:
+        s = snap(
+            run_id=run_id,
+            payload=bytes(range(256)),
+            payload_type=AWKWARD[:200],
+            metadata=json.dumps({"k": AWKWARD}).encode(),
+            queue=AWKWARD[:50],
+            trace_id="t\\r",
+            idempotency_key=key,
+        )
+        del s.tags[:]
+        s.tags.extend(TAGS)
+        s.extra.clear()
+        s.extra.update(EXTRA)
+        return s
+
+    now = now_ms()
+    plain = [snap(run_id=f"run_plain_{i}") for i in range(3)]
+    copied = awkward("run_awk_b1", AWKWARD + "-b1")
+    cancelled = Entry.from_snapshot(awkward("run_awk_b2", ""), now)
+    cancelled.canceled_ms, cancelled.cancel_reason = now, "tab\tand\nnewline \\N"
+    batch = [Entry.from_snapshot(s, now) for s in (plain[0], copied, plain[1])]
+    batch += [cancelled, Entry.from_snapshot(plain[2], now)]
+    # None: the one COPY took the whole batch (a COPY that Postgres refused
+    # would have gone row by row, and answered with results).
+    assert await write_batch(pool, batch) is None
+    async with pool.connection() as conn:
+        for run_id, key, entry in (
+            ("run_awk_i1", AWKWARD + "-i1", Entry.from_snapshot(copied, now)),
+            ("run_awk_i2", "", cancelled),
+        ):
+            s = run_pb2.RunSnapshot()
+            s.CopyFrom(entry.snapshot)
+            s.run_id, s.idempotency_key = run_id, key
+            one = Entry(s, entry.accepted_ms, entry.canceled_ms, entry.cancel_reason)
+            assert (await materialize_one(conn, one)).outcome is Outcome.CREATED
+        cur = await conn.execute(
+            "SELECT * FROM mollifier.runs "
+            "WHERE run_id LIKE 'run_awk_%' OR run_id LIKE 'run_plain_%'"
+        )
+        names = [d.name for d in cur.description or []]
+        by_id = {r[0]: dict(zip(names, r, strict=True)) for r in await cur.fetchall()}
+    skip = {"run_id", "idempotency_key", "snapshot", "materialized_at"}
+    for a, b in (("run_awk_b1", "run_awk_i1"), ("run_awk_b2", "run_awk_i2")):
+        for name in names:
+            if name not in skip:
+                assert by_id[a][name] == by_id[b][name], (a, name)
+    assert by_id["run_awk_b1"]["idempotency_key"] == AWKWARD + "-b1"
+    assert by_id["run_awk_b2"]["cancel_reason"] == "tab\tand\nnewline \\N"
+    assert by_id["run_awk_b2"]["status"] == "CANCELED"
+    assert by_id["run_awk_b1"]["trace_id"] == "t\\r"
+    for s in plain:
+        row = by_id[s.run_id]
+        assert row["tags"] == list(s.tags) and row["queue"] == s.queue
+        assert bytes(row["snapshot"]) == s.SerializeToString()
+    got = await read_run(pool, "env_a", "run_awk_b1")
+    assert got is not None
+    assert json.loads(got.snapshot.metadata) == json.loads(copied.metadata)
+    got.snapshot.metadata = copied.metadata
+    assert got.snapshot == copied
+
+
+async def test_write_batch_answers_none_only_when_every_run_is_new(
+    pool: AsyncConnectionPool,
+) -> None:
+    """The drainer's fast path: None means every entry became a new row; any
+    other outcome in the batch gives the results, run by run."""
+    entries = [Entry.from_snapshot(snap()) for _ in range(3)]
+    assert await write_batch(pool, entries) is None
+    again = [*entries[:2], Entry.from_snapshot(snap())]
+    results = await write_batch(pool, again)
+    assert results is not None
+    assert [r.outcome for r in results] == [Outcome.EXISTS, Outcome.EXISTS, Outcome.CREATED]
+    full = await materialize_batch(pool, [Entry.from_snapshot(snap()) for _ in range(2)])
+    assert [(r.outcome, r.resolved_run_id == r.run_id) for r in full] == [
+        (Outcome.CREATED, True)
+    ] * 2

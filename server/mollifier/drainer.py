@@ -49,7 +49,7 @@ from .materializer import (
     Outcome,
     describe_error,
     is_retryable,
-    materialize_batch,
+    write_batch,
 )
 from .scripts import Scripts
 from .validation import Violations
@@ -70,12 +70,16 @@ MAX_PAGE = 1000
 
 
 def _int(v: Any) -> int:
-    if v is None or v in (b"", ""):
-        return 0
     try:
         return int(v)
-    except ValueError:
+    except (TypeError, ValueError):
+        if v is None or v in (b"", ""):
+            return 0
         return int(float(v))
+
+
+# Values per run in lease.lua's flat reply: runId, s, ca, at, cx, cr, le.
+LEASE_STRIDE = 7
 
 
 @dataclass(slots=True)
@@ -102,9 +106,34 @@ class LeasedBatch:
     # measured on our clock, so a skewed local wall clock does not matter.
     redis_now_ms: int
     mono_at: float
-    runs: list[LeasedRun] = field(default_factory=list)
+    # lease.lua's reply as it came, LEASE_STRIDE values per run: the drainer
+    # turns it straight into entries, and ``runs`` is only built when read.
+    flat: list[Any] = field(default_factory=list)
     reclaimed: int = 0
     dead_lettered: int = 0
+    _runs: list[LeasedRun] | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.flat) // LEASE_STRIDE
+
+    @property
+    def runs(self) -> list[LeasedRun]:
+        if self._runs is None:
+            f = self.flat
+            self._runs = [
+                LeasedRun(
+                    f[i].decode(),
+                    f[i + 1],
+                    _int(f[i + 2]),
+                    _int(f[i + 3]),
+                    _int(f[i + 4]) if f[i + 4] else 0,
+                    f[i + 5].decode() if f[i + 5] else "",
+                    f[i + 6].decode() if f[i + 6] else "",
+                )
+                for i in range(0, len(f), LEASE_STRIDE)
+            ]
+        return self._runs
 
     def remaining_ms(self) -> float:
         elapsed = (time.monotonic() - self.mono_at) * 1000
@@ -525,25 +554,10 @@ class Drainer:
             ],
         )
         mono = time.monotonic()
-        batch = LeasedBatch(env_id, token, int(r[1]), int(r[0]), mono)
+        batch = LeasedBatch(env_id, token, int(r[1]), int(r[0]), mono, r[4])
         batch.reclaimed, batch.dead_lettered = int(r[2]), int(r[3])
         self.dead_lettered_total += batch.dead_lettered
         self.failed_total += batch.dead_lettered
-        flat = r[4]
-        runs = batch.runs
-        for i in range(0, len(flat), 7):
-            run_id, raw, ca, at, cx, cr, le = flat[i : i + 7]
-            runs.append(
-                LeasedRun(
-                    run_id.decode(),
-                    raw,
-                    _int(ca),
-                    _int(at),
-                    _int(cx) if cx else 0,
-                    cr.decode() if cr else "",
-                    le.decode() if le else "",
-                )
-            )
         return batch
 
     async def ack_env(
@@ -626,17 +640,18 @@ class Drainer:
                 size = self.settings.drain_batch_size
                 await self.rate.take(size)
                 batch = await self.lease_env(env_id, size, self.settings.drain_lease_ms, token)
-                self.rate.refund(size - len(batch.runs))
-                if not batch.runs:
+                leased = batch.size
+                self.rate.refund(size - leased)
+                if not leased:
                     await self._unindex_env(org, env_id)
                     return 0
-                self.in_flight += len(batch.runs)
-                self._leased_since_check += len(batch.runs)
+                self.in_flight += leased
+                self._leased_since_check += leased
                 try:
                     await self.materialize(batch)
                 finally:
-                    self.in_flight -= len(batch.runs)
-                return len(batch.runs)
+                    self.in_flight -= leased
+                return leased
             except Exception:
                 # One env's failure never stops the others or the loop; its
                 # leased runs come back when the lease runs out.
@@ -646,17 +661,27 @@ class Drainer:
     async def materialize(self, batch: LeasedBatch) -> None:
         """Write a leased batch to Postgres and settle every run in Redis."""
         assert self.pool is not None
+        env_id = batch.env_id
         entries: list[Entry] = []
+        ids: list[str] = []
         damaged: list[tuple[str, str]] = []
-        for run in batch.runs:
+        f = batch.flat
+        # Straight from the flat reply (runId, s, ca, at, cx, cr, le per run):
+        # one Entry per run and nothing else, this being the drain's hot loop.
+        for run_id_b, raw, ca, cx, cr in zip(
+            f[0::LEASE_STRIDE], f[1::LEASE_STRIDE], f[2::LEASE_STRIDE],
+            f[4::LEASE_STRIDE], f[5::LEASE_STRIDE], strict=True,
+        ):  # fmt: skip
+            run_id = run_id_b.decode()
             try:
-                snap = decode_snapshot(batch.env_id, run.run_id, run.raw)
+                snap = decode_snapshot(env_id, run_id, raw)
             except DamagedEntry as exc:
-                damaged.append((run.run_id, exc.message))
+                damaged.append((run_id, exc.message))
                 continue
             entries.append(
-                Entry(snap, run.accepted_ms, run.canceled_ms, run.cancel_reason, run.raw)
+                Entry(snap, _int(ca), _int(cx) if cx else 0, cr.decode() if cr else "", raw)
             )
+            ids.append(run_id)
         for run_id, message in damaged:
             # Nothing can be written from it; keep it, readable, in the failed set.
             await self.nack_env(
@@ -672,7 +697,7 @@ class Drainer:
         if not lease_holds():
             return  # too late to start: let the lease expire
         try:
-            results = await materialize_batch(self.pool, entries, check=lease_holds)
+            results = await write_batch(self.pool, entries, check=lease_holds)
         except LeaseLost:
             log.warning(
                 "lease too short to commit; left to expire",
@@ -682,13 +707,16 @@ class Drainer:
         except Exception as exc:
             if not is_retryable(exc):
                 raise
-            await self.nack_env(
-                batch.env_id, batch.token, [e.run_id for e in entries], error=describe_error(exc)
-            )
+            await self.nack_env(batch.env_id, batch.token, ids, error=describe_error(exc))
             log.warning(
                 "postgres unavailable; batch requeued with backoff",
                 extra={"env_id": batch.env_id, "runs": len(entries), "error": type(exc).__name__},
             )
+            return
+        if results is None:
+            # Every run became a new row: ack them all as they are.
+            self.materialized_total += len(ids)
+            await self._ack_committed(batch, [(run_id, "") for run_id in ids])
             return
         done: list[tuple[str, str]] = []
         retry: dict[str, list[str]] = {}
@@ -706,6 +734,15 @@ class Drainer:
                 self.materialized_total += 1
             elif r.outcome is Outcome.SYSTEM_FAILURE:
                 self.failed_total += 1
+        await self._ack_committed(batch, done)
+        for error, run_ids in retry.items():
+            await self.nack_env(batch.env_id, batch.token, run_ids, error=error)
+        for error, run_ids in dead.items():
+            # Kept, readable and retryable in the failed set; never dropped.
+            await self.nack_env(batch.env_id, batch.token, run_ids, dead_letter=True, error=error)
+            self.failed_total += len(run_ids)
+
+    async def _ack_committed(self, batch: LeasedBatch, done: Sequence[tuple[str, str]]) -> None:
         _, rejected = await self.ack_env(batch.env_id, batch.token, done)
         if rejected:
             # Committed, but the lease had gone: the next holder finds the rows
@@ -713,12 +750,6 @@ class Drainer:
             log.warning(
                 "ack rejected after commit", extra={"env_id": batch.env_id, "runs": len(rejected)}
             )
-        for error, ids in retry.items():
-            await self.nack_env(batch.env_id, batch.token, ids, error=error)
-        for error, ids in dead.items():
-            # Kept, readable and retryable in the failed set; never dropped.
-            await self.nack_env(batch.env_id, batch.token, ids, dead_letter=True, error=error)
-            self.failed_total += len(ids)
 
     # -- external consumers ----------------------------------------------------
 

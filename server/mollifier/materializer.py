@@ -1,11 +1,13 @@
 """Writing runs into ``mollifier.runs`` and reading them back.
 
-``materialize_batch`` writes a whole batch in ONE statement
-(``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING RETURNING``), so
-it is idempotent on run id: a batch committed by a drainer that died before its
-ack creates nothing twice when it is leased again. A run whose idempotency key
-is already bound in Postgres to another run is not created; it resolves to that
-run.
+``materialize_batch`` writes a whole batch in ONE statement (a COPY straight
+into the table; on a conflict, a COPY into a staging table and one
+``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING``), so it is idempotent
+on run id: a batch committed by a drainer that died before its ack creates
+nothing twice when it is leased again. A run whose idempotency key is already
+bound in Postgres to another run is not created; it resolves to that run.
+``write_batch`` is the same for the drainer, answering None when every run
+became a new row.
 
 Errors are classified by SQLSTATE (``is_retryable``). A retryable error is
 raised to the caller (which requeues the batch with backoff); any other error
@@ -19,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ __all__ = [
     "read_run",
     "read_run_by_idempotency_key",
     "row_values",
+    "write_batch",
 ]
 
 # Errors that pass with time: the run is requeued, not failed (see is_retryable).
@@ -263,8 +265,14 @@ def row_values(entry: Entry, *, now: int | None = None, error: str = "") -> tupl
 # The COPY fast path writes a batch as one block of COPY text built straight
 # from the snapshots, instead of a tuple per row adapted value by value by
 # psycopg: about 3x less Python work per run (see docs/benchmarks.md). Same
-# values as row_values(), but the two bytea columns come last so the rest of
-# a row can be checked for characters COPY needs escaped in one pass.
+# values as row_values(), but the two bytea columns come last.
+#
+# Reading a field of a decoded snapshot costs about as much as formatting it,
+# so each field is read once, and what is shared by the runs of a batch (tags,
+# extra, the second of a timestamp) is rendered once per batch. Free text is
+# checked for the characters COPY must escape once per batch, with plain
+# substring tests (much faster than a regex); a batch that has any is built
+# again with every text field escaped.
 
 _COPY_COLUMNS = (
     *(n for n in COLUMN_NAMES if n not in ("payload", "snapshot")),
@@ -272,10 +280,22 @@ _COPY_COLUMNS = (
     "snapshot",
 )
 # Backslash, newline, carriage return and tab must be escaped in COPY text.
-_COPY_SPECIAL = re.compile(r"[\\\n\r\t]")
+_COPY_SPECIAL = ("\\", "\n", "\r", "\t")
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 _NULL = "\\N"
 _ts_cache: dict[int, str] = {}
+# ".000+00" ... ".999+00": the millisecond and zone of a timestamp, by index.
+_TS_FRACTIONS = tuple(f".{i:03d}+00" for i in range(1000))
+
+
+def _ts_head(sec: int) -> str:
+    """The whole-second part of a timestamp, cached (a batch spans few seconds)."""
+    head = _ts_cache.get(sec)
+    if head is None:
+        if len(_ts_cache) > 4096:
+            _ts_cache.clear()
+        head = _ts_cache[sec] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(sec))
+    return head
 
 
 def _ts_text(ms: int) -> str:
@@ -283,21 +303,42 @@ def _ts_text(ms: int) -> str:
     if not ms:
         return _NULL
     sec, frac = divmod(ms, 1000)
-    head = _ts_cache.get(sec)
-    if head is None:
-        if len(_ts_cache) > 4096:
-            _ts_cache.clear()
-        head = _ts_cache[sec] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(sec))
-    return f"{head}.{frac:03d}+00"
+    return _ts_head(sec) + _TS_FRACTIONS[frac]
+
+
+def _has_copy_special(texts: list[str]) -> bool:
+    joined = "".join(texts)
+    return any(c in joined for c in _COPY_SPECIAL)
 
 
 def copy_text(entries: Sequence[Entry], now: int) -> str:
     """The batch as COPY text, columns in ``_COPY_COLUMNS`` order."""
+    return _copy_text(entries, now)[0]
+
+
+def _copy_text(entries: Sequence[Entry], now: int) -> tuple[str, bool]:
+    """The batch as COPY text, and whether any entry has an idempotency key."""
+    built = _copy_rows(entries, now, escape=False)
+    if built is None:
+        built = _copy_rows(entries, now, escape=True)
+        assert built is not None
+    return built
+
+
+def _copy_rows(entries: Sequence[Entry], now: int, *, escape: bool) -> tuple[str, bool] | None:
+    """The rows; None when ``escape`` is off and some free text needs escaping."""
     lines: list[str] = []
     append = lines.append
+    free: list[str] = []
+    collect = free.extend
+    escapes = _COPY_ESCAPES
+    null = _NULL
+    fractions = _TS_FRACTIONS
+    heads = _ts_cache
+    keyed = False
     # Runs of a batch mostly share their tags and extra: render each set once.
     tag_texts: dict[tuple[str, ...], str] = {(): "{}"}
-    extra_texts: dict[tuple[tuple[str, str], ...], str] = {(): "{}"}
+    extra_texts: dict[tuple[tuple[str, str], ...], str] = {}
     for entry in entries:
         s = entry.snapshot
         delay_ms = ms_from_ts(s.delay_until) if s.HasField("delay_until") else 0
@@ -309,15 +350,22 @@ def copy_text(entries: Sequence[Entry], now: int) -> str:
             status = STATUS_PENDING
         key = s.idempotency_key
         batch_id = s.batch_id
-        tags = tuple(s.tags)
+        # A slice is a list, read in one call; tuple() of the container itself
+        # goes element by element.
+        tags = tuple(s.tags[:])
         tags_t = tag_texts.get(tags)
         if tags_t is None:
             tags_t = tag_texts[tags] = _array_literal(tags)
-        extra = tuple(s.extra.items())
-        extra_t = extra_texts.get(extra)
-        if extra_t is None:
-            extra_t = extra_texts[extra] = json.dumps(dict(extra))
-        texts = [
+        extra_map = s.extra
+        if extra_map:
+            extra = tuple([(k, extra_map[k]) for k in extra_map])
+            extra_t = extra_texts.get(extra)
+            if extra_t is None:
+                extra_t = extra_texts[extra] = json.dumps(dict(extra))
+        else:
+            extra_t = "{}"
+        metadata = s.metadata
+        texts: tuple[str, ...] = (
             s.run_id,
             s.env_id,
             s.org_id,
@@ -325,7 +373,7 @@ def copy_text(entries: Sequence[Entry], now: int) -> str:
             s.payload_type,
             key,
             tags_t,
-            s.metadata.decode("utf-8", "replace") if s.metadata else "",
+            metadata.decode("utf-8", "replace") if metadata else "",
             s.metadata_type,
             s.queue,
             s.concurrency_key,
@@ -337,56 +385,45 @@ def copy_text(entries: Sequence[Entry], now: int) -> str:
             s.span_id,
             extra_t,
             entry.cancel_reason,
-        ]
-        if _COPY_SPECIAL.search("\x00".join(texts)):
-            texts = [t.translate(_COPY_ESCAPES) for t in texts]
-        (run_id, env_id, org_id, task, payload_type, key_t, tags_t, metadata, metadata_type,
+        )
+        if escape:
+            texts = tuple([t.translate(escapes) for t in texts])
+        else:
+            collect(texts)
+        (run_id, env_id, org_id, task, payload_type, key_t, tags_t, metadata_t, metadata_type,
          queue, concurrency_key, machine_preset, parent, root, batch_t, trace_id, span_id,
          extra_t, cancel_reason) = texts  # fmt: skip
-        expires_ms = (
-            ms_from_ts(s.idempotency_key_expires_at)
-            if key and s.HasField("idempotency_key_expires_at")
-            else 0
-        )
-        append(
-            "\t".join(
-                (
-                    run_id,
-                    env_id,
-                    org_id,
-                    task,
-                    status,
-                    payload_type,
-                    key_t if key else _NULL,
-                    _ts_text(expires_ms),
-                    tags_t,
-                    metadata if s.metadata else _NULL,
-                    metadata_type,
-                    _ts_text(delay_ms),
-                    str(s.ttl.ToMilliseconds()) if s.HasField("ttl") else _NULL,
-                    queue,
-                    concurrency_key,
-                    machine_preset,
-                    parent or _NULL,
-                    root or _NULL,
-                    batch_t or _NULL,
-                    str(s.batch_index) if batch_id else _NULL,
-                    trace_id,
-                    span_id,
-                    str(s.max_attempts),
-                    str(s.priority),
-                    extra_t,
-                    _NULL,  # error
-                    _ts_text(entry.canceled_ms),
-                    cancel_reason or _NULL,
-                    _ts_text(entry.accepted_ms or now),
-                    "\\\\x" + s.payload.hex(),
-                    "\\\\x" + (entry.raw or s.SerializeToString()).hex(),
-                )
+        if key:
+            keyed = True
+            expires_ms = (
+                ms_from_ts(s.idempotency_key_expires_at)
+                if s.HasField("idempotency_key_expires_at")
+                else 0
             )
+        else:
+            expires_ms = 0
+        canceled_ms = entry.canceled_ms
+        accepted = entry.accepted_ms or now
+        sec = accepted // 1000
+        head = heads.get(sec) or _ts_head(sec)
+        append(
+            f"{run_id}\t{env_id}\t{org_id}\t{task}\t{status}\t{payload_type}\t"
+            f"{key_t if key else null}\t{_ts_text(expires_ms) if expires_ms else null}\t"
+            f"{tags_t}\t{metadata_t if metadata else null}\t{metadata_type}\t"
+            f"{_ts_text(delay_ms) if delay_ms else null}\t"
+            f"{s.ttl.ToMilliseconds() if s.HasField('ttl') else null}\t"
+            f"{queue}\t{concurrency_key}\t{machine_preset}\t"
+            f"{parent or null}\t{root or null}\t{batch_t or null}\t"
+            f"{s.batch_index if batch_id else null}\t{trace_id}\t{span_id}\t"
+            f"{s.max_attempts}\t{s.priority}\t{extra_t}\t{null}\t"  # error: none
+            f"{_ts_text(canceled_ms) if canceled_ms else null}\t{cancel_reason or null}\t"
+            f"{head}{fractions[accepted - sec * 1000]}\t"
+            f"\\\\x{s.payload.hex()}\t\\\\x{(entry.raw or s.SerializeToString()).hex()}"
         )
+    if not escape and _has_copy_special(free):
+        return None
     append("")
-    return "\n".join(lines)
+    return "\n".join(lines), keyed
 
 
 def _insert_sql(source: str, param: str) -> str:
@@ -522,8 +559,10 @@ async def _write(
     check: CommitCheck | None,
     method: str = "copy",
     text: str = "",
-) -> list[Result]:
-    """Insert the rows in one transaction; results in the entries' order.
+    keyed: bool = True,
+) -> list[Result] | None:
+    """Insert the rows in one transaction; results in the entries' order, or
+    None when every entry became a new row (so no result is built per run).
 
     With ``method="copy"`` the batch is first COPYed straight into the table,
     the whole transaction being that one statement. Conflicts are rare (a batch
@@ -532,12 +571,13 @@ async def _write(
     staging table and one INSERT ... SELECT ... ON CONFLICT DO NOTHING, which
     says which rows were new. Either way one statement writes the batch,
     several times faster than binding 31 arrays (see docs/benchmarks.md).
-    The COPY is fed ``text`` (copy_text of the entries), built once.
+    The COPY is fed ``text`` (copy_text of the entries), built once; ``keyed``
+    says whether any entry has an idempotency key (expired bindings of those
+    keys are released first).
     """
     if method == "copy" and len(entries) > 1:
         if not text:
-            text = copy_text(entries, now_ms())
-        keyed = any(e.snapshot.idempotency_key for e in entries)
+            text, keyed = _copy_text(entries, now_ms())
         try:
             async with conn.transaction():
                 if keyed:
@@ -546,7 +586,7 @@ async def _write(
                     await copy.write(text)
                 if check is not None and not check():
                     raise LeaseLost("lease too close to its deadline to commit")
-            return [Result(e.run_id, Outcome.CREATED, resolved_run_id=e.run_id) for e in entries]
+            return None
         except psycopg.errors.UniqueViolation:
             pass
     async with conn.transaction():
@@ -577,7 +617,7 @@ def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
 async def _write_failure(conn: Conn, entry: Entry, error: str, check: CommitCheck | None) -> Result:
     """A SYSTEM_FAILURE row from the snapshot; RETRY when Postgres is away."""
     try:
-        r = (await _write(conn, [entry], [row_values(entry, error=error)], check))[0]
+        r = _first(await _write(conn, [entry], [row_values(entry, error=error)], check), entry)
     except LeaseLost:
         raise
     except Exception as exc:
@@ -609,13 +649,21 @@ async def materialize_one(
         async with target.connection() as conn:
             return await materialize_one(conn, entry, check=check)
     try:
-        return (await _write(target, [entry], [row_values(entry)], check))[0]
+        return _first(await _write(target, [entry], [row_values(entry)], check), entry)
     except LeaseLost:
         raise
     except Exception as exc:
         if is_retryable(exc):
             raise
         return await _write_failure(target, entry, describe_error(exc), check)
+
+
+def _created(entries: Sequence[Entry]) -> list[Result]:
+    return [Result(e.run_id, Outcome.CREATED, resolved_run_id=e.run_id) for e in entries]
+
+
+def _first(results: list[Result] | None, entry: Entry) -> Result:
+    return results[0] if results is not None else _created([entry])[0]
 
 
 async def materialize_batch(
@@ -627,27 +675,42 @@ async def materialize_batch(
 ) -> list[Result]:
     """Write a batch in one statement; results in the entries' order.
 
-    ``method`` "copy" (COPY into a staging table, then one INSERT ... SELECT) or
-    "unnest" (one INSERT ... SELECT FROM unnest of per-column arrays).
+    ``method`` "copy" (COPY straight into the table; on a conflict, through a
+    staging table and one INSERT ... SELECT) or "unnest" (one INSERT ... SELECT
+    FROM unnest of per-column arrays).
 
     Raises a retryable psycopg error (nothing committed) or ``LeaseLost`` (rolled
     back because ``check()`` said the lease would not last until commit).
     """
+    results = await write_batch(target, entries, check=check, method=method)
+    return _created(entries) if results is None else results
+
+
+async def write_batch(
+    target: AsyncConnectionPool | Conn,
+    entries: Sequence[Entry],
+    *,
+    check: CommitCheck | None = None,
+    method: str = "copy",
+) -> list[Result] | None:
+    """``materialize_batch``, answering None when every entry became a new row:
+    the drainer's common case, where building a Result per run is wasted work."""
     if not entries:
         return []
     if isinstance(target, AsyncConnectionPool):
         async with target.connection() as conn:
-            return await materialize_batch(conn, entries, check=check, method=method)
+            return await write_batch(conn, entries, check=check, method=method)
     conn = target
     now = now_ms()
+    keyed = True
     if method == "copy" and len(entries) > 1:
         rows: list[tuple[Any, ...]] = []
-        text = copy_text(entries, now)
+        text, keyed = _copy_text(entries, now)
     else:
         rows = [row_values(e, now=now) for e in entries]
         text = ""
     try:
-        return await _write(conn, entries, rows, check, method, text)
+        return await _write(conn, entries, rows, check, method, text, keyed)
     except LeaseLost:
         raise
     except Exception as exc:
