@@ -54,6 +54,57 @@ def _snapshot(i: int, env: str = ENV) -> Any:
     )
 
 
+# Where the machine's CPU goes during a burst: by process kind, read from /proc.
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _kind(pid: str, me: int) -> str | None:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if int(pid) == me:
+        return "callers (bench process)"
+    name = Path(cmd[0].decode(errors="replace")).name if cmd and cmd[0] else ""
+    text = b" ".join(cmd).decode(errors="replace")
+    if "mollifier" in text and " _drain-process" in text:
+        return "sidecar: drain process"
+    if "mollifier" in text and (" serve" in text or " _worker" in text):
+        return "sidecar: serving process"
+    if name.startswith("redis-server"):
+        return "redis-server"
+    if name.startswith("postgres") or text.startswith("postgres:"):
+        return "postgres"
+    return None
+
+
+def cpu_by_kind() -> dict[str, float]:
+    """CPU seconds so far of every process of a kind that matters here, and the
+    machine's busy and total CPU seconds (from /proc/stat)."""
+    me = os.getpid()
+    out: dict[str, float] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        kind = _kind(pid, me)
+        if kind is None:
+            continue
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
+    cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(x) for x in cpu]
+    out["machine busy"] = (sum(ticks) - ticks[3] - ticks[4]) / _TICK
+    out["machine total"] = sum(ticks) / _TICK
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after}
+
+
 def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * q))] * 1000 if xs else 0.0
 
@@ -148,7 +199,9 @@ async def _callers(
     return points, errors
 
 
-async def straight(pg_url: str, total: int, callers: int) -> dict[str, Any]:
+async def straight(
+    pg_url: str, total: int, callers: int, name: str = "straight to Postgres"
+) -> dict[str, Any]:
     import psycopg
     from mollifier.materializer import _ONE_SQL, Entry, row_values
 
@@ -161,13 +214,17 @@ async def straight(pg_url: str, total: int, callers: int) -> dict[str, Any]:
 
     sampler = Sampler(pg_url, None)
     t0 = time.perf_counter()
+    cpu0 = cpu_by_kind()
     sampler.start(t0)
     points, errors = await _callers(total, callers, one, t0)
     all_in = time.perf_counter() - t0
+    cpu = cpu_delta(cpu0, cpu_by_kind())
     await sampler.stop()
     for conn in conns:
         await conn.close()
-    return _summary("straight to Postgres", points, errors, sampler, all_in, await _count(pg_url))
+    return _summary(
+        name, points, errors, sampler, all_in, await _count(pg_url), cpu=cpu, callers_s=all_in
+    )
 
 
 def _summary(
@@ -269,9 +326,11 @@ async def through_sidecar(
 
             sampler = Sampler(pg_url, redis)
             t0 = time.perf_counter()
+            cpu0 = cpu_by_kind()
             sampler.start(t0)
             points, errors = await _callers(total, callers, one, t0)
             callers_s = time.perf_counter() - t0
+            cpu = cpu_delta(cpu0, cpu_by_kind())
             while await _count(pg_url) < total - errors and time.perf_counter() - t0 < 300:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             all_in = time.perf_counter() - t0
@@ -293,6 +352,7 @@ async def through_sidecar(
         idle_p99_ms=_pct(idle, 0.99),
         callers_s=callers_s,
         peak_rss_mb=rss,
+        cpu=cpu,
         buffered=decisions.get(gate_pb2.DECISION_MOLLIFY, 0),
         drain_concurrency=Settings.from_env({}).drain_concurrency,
     )
@@ -333,36 +393,58 @@ def chart(results: list[dict[str, Any]], path: Path) -> bool:
 
 
 async def bench(total: int, callers: int) -> list[dict[str, Any]]:
+    """Both paths on a Postgres with fsync off (as the tests run it), then both
+    again on one with fsync and synchronous_commit on, as production runs."""
     from mollifier.app import App
     from mollifier.config import Settings
     from mollifier.devstack import PostgresProcess, RedisProcess
 
-    redis_dir = Path(tempfile.mkdtemp(prefix="mollifier-burst-redis-"))
-    pg_dir = Path(tempfile.mkdtemp(prefix="mollifier-burst-pg-"))
-    redis = RedisProcess(redis_dir)
-    pg = PostgresProcess(pg_dir)
-    try:
-        redis.start()
-        pg.start()
-        # Migrations once, as `mollifier serve` would.
-        settings = Settings.from_env(
-            {}, redis_url=redis.url, database_url=pg.url, drain_enabled=False
-        )
-        app = await App.connect(settings, start_background=False)
-        await app.close(grace=0)
-        a = await straight(pg.url, total, callers)
-        b = await through_sidecar(redis.url, pg.url, total, callers, drain_process=True)
-        inproc = await through_sidecar(redis.url, pg.url, total, callers, drain_process=False)
-        return [a, inproc, b]
-    finally:
-        redis.stop()
-        pg.stop()
-        shutil.rmtree(redis_dir, ignore_errors=True)
-        shutil.rmtree(pg_dir, ignore_errors=True)
+    results: list[dict[str, Any]] = []
+    for fsync in (False, True):
+        redis_dir = Path(tempfile.mkdtemp(prefix="mollifier-burst-redis-"))
+        pg_dir = Path(tempfile.mkdtemp(prefix="mollifier-burst-pg-"))
+        redis = RedisProcess(redis_dir)
+        pg = PostgresProcess(pg_dir, fsync=fsync)
+        tag = ", fsync on" if fsync else ""
+        try:
+            redis.start()
+            pg.start()
+            # Migrations once, as `mollifier serve` would.
+            settings = Settings.from_env(
+                {}, redis_url=redis.url, database_url=pg.url, drain_enabled=False
+            )
+            app = await App.connect(settings, start_background=False)
+            await app.close(grace=0)
+            a = await straight(pg.url, total, callers, name=f"straight to Postgres{tag}")
+            runs = [a]
+            if not fsync:
+                runs.append(
+                    await through_sidecar(redis.url, pg.url, total, callers, drain_process=False)
+                )
+            b = await through_sidecar(redis.url, pg.url, total, callers, drain_process=True)
+            b["name"] += tag
+            runs.append(b)
+            for r in runs:
+                r["fsync"] = fsync
+            results += runs
+        finally:
+            redis.stop()
+            pg.stop()
+            shutil.rmtree(redis_dir, ignore_errors=True)
+            shutil.rmtree(pg_dir, ignore_errors=True)
+    return results
+
+
+CPU_KINDS = (
+    "callers (bench process)",
+    "sidecar: serving process",
+    "sidecar: drain process",
+    "redis-server",
+    "postgres",
+)
 
 
 def report(results: list[dict[str, Any]], total: int, callers: int) -> str:
-    a, b = results[0], results[-1]
     lines = [
         f"{total:,} triggers for one env from {callers} concurrent callers.",
         "",
@@ -376,30 +458,53 @@ def report(results: list[dict[str, Any]], total: int, callers: int) -> str:
             f"{r['errors']} | {r['peak_pg_in_use']} ({r['peak_pg_open']}) | "
             f"{r['all_in_s']:.2f} | {r['rows']:,} |"
         )
-    better = a["p99_ms"] / b["p99_ms"] if b["p99_ms"] else 0.0
-    idle = b["p99_ms"] / b["idle_p99_ms"] if b["idle_p99_ms"] else 0.0
+    lines.append("")
+    for fsync in (False, True):
+        group = [r for r in results if r["fsync"] == fsync]
+        if not group:
+            continue
+        a, b = group[0], group[-1]
+        better = a["p99_ms"] / b["p99_ms"] if b["p99_ms"] else 0.0
+        idle = b["p99_ms"] / b["idle_p99_ms"] if b["idle_p99_ms"] else 0.0
+        disk = "fsync on" if fsync else "fsync off"
+        lines += [
+            f"- Postgres with {disk}: sidecar idle (one caller) p50 {b['idle_p50_ms']:.2f} ms, "
+            f"p99 {b['idle_p99_ms']:.2f} ms. Under the burst its callers' p99 is {idle:.1f}x "
+            f"the idle p99 (target <= 3x) and {better:.1f}x better than straight to Postgres "
+            f"(target >= 5x). {b['buffered']:,} of {total:,} triggers were buffered; callers "
+            f"done after {b['callers_s']:.2f} s ({total / b['callers_s']:,.0f} triggers/s, "
+            f"straight: {total / a['callers_s']:,.0f}/s); every row in Postgres after "
+            f"{b['all_in_s']:.2f} s. Postgres connections in use at peak: "
+            f"{b['peak_pg_in_use']} through the sidecar (drain concurrency "
+            f"{b['drain_concurrency']}), {a['peak_pg_in_use']} straight. Rows: "
+            f"{a['rows']:,} straight, {b['rows']:,} through the sidecar "
+            f"({'exactly' if a['rows'] == b['rows'] == total else 'NOT'} {total:,} each). "
+            f"Serving process peak RSS: {b['peak_rss_mb']:.0f} MiB.",
+        ]
+        for r in group[1:-1]:
+            lines.append(
+                f"- Same run, {r['name']}: p99 {r['p99_ms']:.2f} ms = "
+                f"{r['p99_ms'] / r['idle_p99_ms'] if r['idle_p99_ms'] else 0:.1f}x its idle "
+                f"p99 ({r['idle_p99_ms']:.2f} ms), "
+                f"{a['p99_ms'] / r['p99_ms'] if r['p99_ms'] else 0:.1f}x better than "
+                f"straight; all rows in after {r['all_in_s']:.2f} s."
+            )
     lines += [
         "",
-        f"- Sidecar idle (one caller): p50 {b['idle_p50_ms']:.2f} ms, p99 "
-        f"{b['idle_p99_ms']:.2f} ms. Under the burst its callers' p99 is {idle:.1f}x the "
-        f"idle p99 (target <= 3x) and {better:.1f}x better than straight to Postgres "
-        f"(target >= 5x).",
-        f"- {b['buffered']:,} of {total:,} triggers were buffered (MOLLIFY); callers were "
-        f"done after {b['callers_s']:.2f} s, every row was in Postgres after "
-        f"{b['all_in_s']:.2f} s.",
-        f"- Postgres connections in use at peak: {b['peak_pg_in_use']} through the sidecar "
-        f"(drain concurrency {b['drain_concurrency']}), {a['peak_pg_in_use']} straight.",
-        f"- Rows: {a['rows']:,} straight, {b['rows']:,} through the sidecar "
-        f"({'exactly' if a['rows'] == b['rows'] == total else 'NOT'} {total:,} each).",
-        f"- Serving process peak RSS under the burst: {b['peak_rss_mb']:.0f} MiB.",
+        "CPU while the callers ran, per trigger (µs), by process (from /proc; the machine "
+        f"has {os.cpu_count()} cores):",
+        "",
+        "| path | " + " | ".join(CPU_KINDS) + " | machine busy | busy share |",
+        "| --- |" + " ---: |" * (len(CPU_KINDS) + 2),
     ]
-    for r in results[1:-1]:
+    for r in results:
+        cpu = r.get("cpu") or {}
+        cells = [f"{cpu.get(k, 0.0) / total * 1e6:,.0f}" for k in CPU_KINDS]
+        busy = cpu.get("machine busy", 0.0)
+        share = busy / cpu["machine total"] if cpu.get("machine total") else 0.0
         lines.append(
-            f"- Same run, {r['name']}: p99 {r['p99_ms']:.2f} ms = "
-            f"{r['p99_ms'] / r['idle_p99_ms'] if r['idle_p99_ms'] else 0:.1f}x its idle p99 "
-            f"({r['idle_p99_ms']:.2f} ms), "
-            f"{a['p99_ms'] / r['p99_ms'] if r['p99_ms'] else 0:.1f}x better than straight; "
-            f"all rows in after {r['all_in_s']:.2f} s."
+            f"| {r['name']} | " + " | ".join(cells) + f" | {busy / total * 1e6:,.0f} | "
+            f"{share:.0%} |"
         )
     return "\n".join(lines)
 
