@@ -695,3 +695,21 @@ async def test_evaluate_batch_per_env_call_matches_evaluates_in_a_row(
             want = await redis_client.hmget(env_keys(single).gate, ["wc", "tu"])
             assert got[0] == want[0]
             assert (got[1] == b"0") == (want[1] == b"0")
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-connection", "redis-py-pool"])
+async def test_both_redis_paths_decide_alike(redis_url: str, direct: bool) -> None:
+    """MOLLIFIER_GATE_DIRECT_REDIS picks the gate's own connection or redis-py's
+    pool; the decisions are the same either way."""
+    env = new_env()
+    async with open_app(
+        redis_url, trip_threshold=2, trip_hold_ms=60_000, gate_direct_redis=direct
+    ) as app:
+        assert (app.gate._direct is not None) is direct
+        singles = [await app.gate.evaluate(evaluate_request(env)) for _ in range(2)]
+        batch = await app.gate.evaluate_batch([evaluate_request(env)] * 2)
+        req = trigger_request(env, snapshot=snapshot(env, f"run_paths_{direct}"))
+        t = await app.gate.trigger(req, req.snapshot)
+        assert [o.window_count for o in singles + batch] == [1, 2, 3, 4]
+        assert [o.decision for o in singles + batch] == [PASS, PASS, MOLLIFY, MOLLIFY]
+        assert t.outcome.decision == MOLLIFY and t.run is not None

@@ -345,11 +345,15 @@ class Gate:
             self.buffer.queue_index(pipe, snap.org_id, snap.env_id)
 
         try:
-            async with asyncio.timeout(self.timeout):
-                if self._pipe.usable:
-                    results = await self._pipe.submit(build, 3)
-                else:
-                    results = await self.scripts.execute(self.redis, build)
+            if self._direct is not None:
+                # Bounded by the pipeline's own deadline (the gate timeout).
+                results = await self._direct.submit(build, 3)
+            else:
+                async with asyncio.timeout(self.timeout):
+                    if self._pipe.usable:
+                        results = await self._pipe.submit(build, 3)
+                    else:
+                        results = await self.scripts.execute(self.redis, build)
         except Exception as exc:
             # The script may have run before the failure: the caller writes the
             # run with this same run id, and materialization is idempotent on it.
