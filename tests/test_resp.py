@@ -210,3 +210,85 @@ async def test_close_fails_waiting_calls(redis_factory: Callable[..., RedisProce
             await pipe.submit(sadd("k", "c"), 1)
     finally:
         server.resume()
+
+
+async def test_a_full_waiting_list_behind_a_silent_connection_recovers(
+    redis_factory: Callable[..., RedisProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls that pile up to the limit behind a frozen Redis must not wedge the
+    pipeline: once the connection has been silent past stall_after it is
+    replaced, and calls are answered again."""
+    import mollifier.resp
+
+    monkeypatch.setattr(mollifier.resp, "MAX_WAITING", 50)
+    server = redis_factory()
+    pipe = DirectPipeline(server.url, load_scripts(), timeout=0.05, stall_after=0.3)
+    try:
+        assert await pipe.submit(sadd("k", "a"), 1) == [1]
+        server.pause()
+        futs = [pipe.submit(sadd("k", f"b{i}"), 1) for i in range(100)]
+        refused = sum(
+            1 for f in futs if f.done() and isinstance(f.exception(), RedisConnectionError)
+        )
+        assert refused > 0  # the limit was reached
+        for f in futs:
+            with contextlib.suppress(Exception):
+                await f
+        await asyncio.sleep(0.4)
+        # Still frozen: a new call waits on a fresh connection and times out,
+        # instead of being refused for a list that never empties.
+        with pytest.raises(TimeoutError):
+            await pipe.submit(sadd("k", "c"), 1)
+        server.resume()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert await pipe.submit(sadd("k2", "x"), 1) in ([1], [0])
+                break
+            except (RedisConnectionError, TimeoutError):
+                assert time.monotonic() < deadline, "the pipeline stayed wedged"
+                await asyncio.sleep(0.05)
+    finally:
+        server.resume()
+        await pipe.aclose()
+
+
+async def test_miscounted_calls_are_refused(direct: DirectPipeline) -> None:
+    with pytest.raises(ValueError):
+        direct.submit(lambda p: None, 0)
+    with pytest.raises(ValueError):
+        direct.submit(b"*1\r\n$4\r\nPING\r\n", 2)
+    assert await direct.submit(b"*1\r\n$4\r\nPING\r\n", 1) == [b"PONG"]
+
+
+async def test_a_server_that_is_not_redis_fails_calls_fast() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        await writer.drain()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pipe = DirectPipeline(f"redis://127.0.0.1:{port}/0", load_scripts(), timeout=1.0)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RedisConnectionError):
+            await pipe.submit(sadd("k", "a"), 1)
+        assert time.monotonic() - t0 < 0.9
+    finally:
+        await pipe.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+def test_tls_options_come_from_the_url() -> None:
+    import ssl
+
+    target = DirectPipeline._parse(
+        "rediss://h:6380/0?ssl_cert_reqs=none&ssl_check_hostname=false"
+    )
+    ctx = target["ssl"]
+    assert isinstance(ctx, ssl.SSLContext)
+    assert ctx.verify_mode == ssl.CERT_NONE and not ctx.check_hostname
+    strict = DirectPipeline._parse("rediss://h:6380/0")["ssl"]
+    assert strict.verify_mode == ssl.CERT_REQUIRED

@@ -23,12 +23,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
-from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+from redis.asyncio.connection import (
+    RedisSSLContext,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -41,6 +45,20 @@ Arg = str | bytes | int | float
 # Calls waiting at once beyond which new calls fail at once: a Redis that has
 # stopped answering must not make the waiting list grow without bound.
 MAX_WAITING = 50_000
+
+# The URL's ssl_* options RedisSSLContext takes (as redis-py's SSLConnection does).
+_SSL_OPTIONS = (
+    "keyfile",
+    "certfile",
+    "cert_reqs",
+    "ca_certs",
+    "ca_data",
+    "ca_path",
+    "check_hostname",
+    "min_version",
+    "ciphers",
+    "password",
+)
 
 
 class Batch:
@@ -160,6 +178,7 @@ class DirectPipeline:
         self._waiting: collections.deque[_Call] = collections.deque()
         self._scheduled = False
         self._progress_at = 0.0
+        self._connected_at = 0.0
         self._closed = False
 
     # -- the public surface ----------------------------------------------------
@@ -171,14 +190,24 @@ class DirectPipeline:
 
         ``build`` may also be one command already packed (bytes, size 1).
         """
+        # Replies are matched to calls by count: a wrong count would hand
+        # every later caller someone else's reply.
+        if size < 1 or (type(build) is bytes and size != 1):
+            raise ValueError(f"a call of {size} commands cannot be matched to its replies")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[Any]] = loop.create_future()
         if self._closed:
             fut.set_exception(RedisConnectionError("the connection is closed"))
             return fut
         if len(self._waiting) + len(self._queued) >= MAX_WAITING:
-            fut.set_exception(RedisConnectionError("too many calls waiting for Redis"))
-            return fut
+            # Calls that timed out still sit in the lists until sent or answered.
+            self._queued = [c for c in self._queued if not c.fut.done()]
+            if self._waiting and loop.time() - self._progress_at > self.stall_after:
+                # Full behind a silent connection: replace it now (see _flush).
+                self._abort(RedisConnectionError("Redis stopped answering on this connection"))
+            if len(self._waiting) + len(self._queued) >= MAX_WAITING:
+                fut.set_exception(RedisConnectionError("too many calls waiting for Redis"))
+                return fut
         self._queued.append(_Call(build, size, fut))
         if self.timeout is not None:
             deadline = loop.time() + self.timeout
@@ -190,11 +219,20 @@ class DirectPipeline:
         if len(self._writes) < self.max_in_flight:
             self._scheduled = True
             loop.call_soon(self._flush)
-        elif loop.time() - self._progress_at > self.stall_after:
-            # Held back behind writes that get no answer: see _flush.
+        else:
+            self._check_stall(loop)
+        return fut
+
+    def _check_stall(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Calls wait behind writes that get no answer: let _flush replace the
+        connection (it drops the old one first)."""
+        if (
+            self._waiting
+            and not self._scheduled
+            and loop.time() - self._progress_at > self.stall_after
+        ):
             self._scheduled = True
             loop.call_soon(self._flush)
-        return fut
 
     def _expire(self) -> None:
         """Fail the calls whose deadline has passed; re-arm for the next one."""
@@ -211,7 +249,10 @@ class DirectPipeline:
                 fut.set_exception(TimeoutError("no answer from Redis in time"))
             else:
                 self._timer = loop.call_at(deadline, self._expire)
-                return
+                break
+        # Callers timing out is how a silent connection shows itself even
+        # when no new call comes to notice it.
+        self._check_stall(loop)
 
     async def aclose(self) -> None:
         """Close the connection; calls still waiting fail."""
@@ -236,8 +277,6 @@ class DirectPipeline:
 
     def _flush(self) -> None:
         self._scheduled = False
-        if not self._queued:
-            return
         loop = asyncio.get_running_loop()
         now = loop.time()
         proto = self._proto
@@ -246,6 +285,8 @@ class DirectPipeline:
             # connection (its calls fail) and send the new ones on a fresh one.
             self._abort(RedisConnectionError("Redis stopped answering on this connection"))
             proto = None
+        if not self._queued:
+            return
         if proto is None or proto.transport is None:
             self._connect_soon(loop, now)
             return
@@ -297,12 +338,17 @@ class DirectPipeline:
         resend: list[_Call] = []
         waiting = self._waiting
         while True:
-            reply = reader.gets()
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                # Not Redis, or a corrupt stream: fail everything, back off.
+                self._stream_broken(resend, RedisConnectionError(f"Redis protocol error: {exc}"))
+                return
             if reply is False:
                 break
             if not waiting:
                 # A reply nobody asked for: the stream is out of step; start over.
-                self._abort(RedisConnectionError("unexpected reply from Redis"))
+                self._stream_broken(resend, RedisConnectionError("unexpected reply from Redis"))
                 return
             call = waiting[0]
             call.replies.append(_convert(reply))
@@ -319,6 +365,18 @@ class DirectPipeline:
         if self._queued and not self._scheduled and len(self._writes) < self.max_in_flight:
             # A write is answered: what queued up behind it goes out now, as one.
             self._flush()
+
+    def _stream_broken(self, resend: list[_Call], error: BaseException) -> None:
+        loop = asyncio.get_running_loop()
+        for call in resend:
+            if not call.fut.done():
+                call.fut.set_exception(error)
+        self._failed_at = loop.time()
+        self._last_error = error
+        self._abort(error)
+        if self._queued and not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
 
     def _settle(self, call: _Call, resend: list[_Call]) -> None:
         replies = call.replies
@@ -371,6 +429,7 @@ class DirectPipeline:
                 proto = await self._open(loop)
                 self._proto = proto
                 self._reader = hiredis.Reader()
+                self._connected_at = loop.time()
                 hello = self._handshake()
                 if hello:
                     fut: asyncio.Future[list[Any]] = loop.create_future()
@@ -444,11 +503,14 @@ class DirectPipeline:
             "ssl": None,
         }
         if cls is SSLConnection:
-            ctx = ssl.create_default_context(cafile=kw.get("ssl_ca_certs"))
-            if str(kw.get("ssl_cert_reqs", "required")).lower() in ("none", "cert_none"):
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            target["ssl"] = ctx
+            # redis-py's own builder, from the same URL options, so the gate's
+            # connection is made exactly as the rest of the sidecar's.
+            # The same defaults as SSLConnection: verify the certificate and host.
+            options: dict[str, Any] = {"cert_reqs": "required", "check_hostname": True}
+            options.update(
+                (name, kw[f"ssl_{name}"]) for name in _SSL_OPTIONS if f"ssl_{name}" in kw
+            )
+            target["ssl"] = RedisSSLContext(**options).get()
         return target
 
     # -- losing the connection -------------------------------------------------
@@ -457,6 +519,12 @@ class DirectPipeline:
         if proto is not self._proto:
             return
         self._proto = None
+        now = asyncio.get_running_loop().time()
+        if now - self._connected_at < 1.0:
+            # Accepted, then closed at once (maxclients, a proxy without its
+            # backend): back off like a refused connect, not a connect per turn.
+            self._failed_at = now
+            self._last_error = RedisConnectionError(f"Redis closed the connection: {exc!r}")
         self._drop(RedisConnectionError(f"connection to Redis lost: {exc!r}"))
         if self._queued and not self._scheduled and not self._closed:
             self._scheduled = True
