@@ -475,3 +475,34 @@ async def test_a_lease_writes_state_token_and_attempts_and_a_reclaim_raises_the_
     assert again.runs[0].attempts == 2
     await d.nack_env("env_lv", "tok-lv2", [run_id], delay_ms=60_000)
     assert int(await app.redis.hget(k.run(run_id), "v")) > int(back[b"v"])
+
+
+async def test_the_loop_drains_while_an_index_repair_is_running(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index repair (a SCAN of every key) runs beside the ticks: a start
+    with a deep buffer does not wait for it before the first lease, and a
+    repair still running when the loop stops is cancelled."""
+    ids = await fill(app, (snap("env_rp", "org_rp") for _ in range(30)))
+    d = drainer(app)
+    started, release = asyncio.Event(), asyncio.Event()
+    real_repair = d.repair_index
+
+    async def slow_repair() -> int:
+        started.set()
+        await release.wait()
+        return await real_repair()
+
+    monkeypatch.setattr(d, "repair_index", slow_repair)
+    d.start()
+    try:
+        await asyncio.wait_for(started.wait(), 5)
+        for _ in range(500):
+            if await buffered(app, "env_rp") == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert not release.is_set()
+        assert sorted(r[0] for r in await pg_rows(app, "env_id = 'env_rp'")) == sorted(ids)
+    finally:
+        await d.stop(5)
+    assert not d.running

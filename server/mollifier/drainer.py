@@ -293,17 +293,30 @@ class Drainer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 
+    async def _repair_in_background(self) -> None:
+        try:
+            await self.repair_index()
+        except Exception:
+            log.exception("index repair failed")
+
     async def _loop(self) -> None:
         backoff = 0.1
         last_repair = 0.0
         last_sweep = 0.0
+        repair: asyncio.Task[None] | None = None
         try:
             while not self._stopping:
                 try:
                     mono = time.monotonic()
-                    if mono - last_repair >= REPAIR_INTERVAL_S:
+                    if mono - last_repair >= REPAIR_INTERVAL_S and (
+                        repair is None or repair.done()
+                    ):
                         last_repair = mono
-                        await self.repair_index()
+                        # Beside the ticks, not before them: its SCAN of every
+                        # key would hold up the first lease after a start (tens
+                        # of ms with a deep buffer), and it only adds envs the
+                        # index lost, which the next ticks then pick.
+                        repair = asyncio.create_task(self._repair_in_background())
                     if mono - last_sweep >= SWEEP_INTERVAL_S:
                         last_sweep = mono
                         await self.sweep_stale()
@@ -317,6 +330,10 @@ class Drainer:
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
         finally:
+            if repair is not None:
+                repair.cancel()
+                with contextlib.suppress(BaseException):
+                    await repair
             # Stopping: no new leases; the batches in flight finish (stop() bounds it).
             if self._batches:
                 await asyncio.gather(*self._batches, return_exceptions=True)

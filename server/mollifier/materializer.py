@@ -697,16 +697,29 @@ async def write_batch(
     the drainer's common case, where building a Result per run is wasted work."""
     if not entries:
         return []
+    text, keyed = "", True
+    if method == "copy" and len(entries) > 1:
+        # Built before a connection is taken: the connection waits for no CPU.
+        text, keyed = _copy_text(entries, now_ms())
     if isinstance(target, AsyncConnectionPool):
         async with target.connection() as conn:
-            return await write_batch(conn, entries, check=check, method=method)
-    conn = target
-    now = now_ms()
-    keyed = True
-    if method == "copy" and len(entries) > 1:
+            return await _write_batch(conn, entries, check, method, text, keyed)
+    return await _write_batch(target, entries, check, method, text, keyed)
+
+
+async def _write_batch(
+    conn: Conn,
+    entries: Sequence[Entry],
+    check: CommitCheck | None,
+    method: str,
+    text: str,
+    keyed: bool,
+) -> list[Result] | None:
+    copying = method == "copy" and len(entries) > 1
+    if copying:
         rows: list[tuple[Any, ...]] = []
-        text, keyed = _copy_text(entries, now)
     else:
+        now = now_ms()
         rows = [row_values(e, now=now) for e in entries]
         text = ""
     try:
