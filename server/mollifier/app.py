@@ -72,6 +72,7 @@ class App:
         with contextlib.suppress(Exception):
             # Not fatal: a Redis that is down now gets the scripts on first use.
             await self.scripts.load_all(self.redis)
+        await self.gate.warm_up()
         if self.pool is not None and self.settings.migrate_on_start:
             from .migrations import migrate
 

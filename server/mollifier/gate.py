@@ -54,6 +54,7 @@ ORG_FLAG = "mollifierEnabled"
 MAX_BATCH = 1000
 DEFAULT_CLAIM_TTL_MS = 30_000
 MAX_CLAIM_TTL_MS = 600_000
+PING = b"*1\r\n$4\r\nPING\r\n"
 # Bound on the per-env caches of the hot path (cleared whole when reached).
 MAX_CACHED_ENVS = 10_000
 
@@ -153,6 +154,19 @@ class Gate:
             settings.trip_hold_ms,
             "1" if settings.shadow_mode else "0",
         )
+
+    async def warm_up(self) -> None:
+        """Open the gate's own Redis connection now, so the first decision does
+        not wait for it and a misconfigured URL shows at start, not as FAIL_OPEN."""
+        if self._direct is None:
+            return
+        try:
+            await self._direct.submit(PING, 1)
+        except Exception as exc:
+            log.warning(
+                "the gate's Redis connection failed; decisions fail open until it works",
+                extra={"error": repr(exc)},
+            )
 
     async def aclose(self) -> None:
         """Close the gate's own Redis connection (if it has one)."""
