@@ -20,8 +20,9 @@ end
 
 -- Counts one trigger when `count` is true; returns windowCount, threshold,
 -- trippedUntil (ms, 0 when not tripped) and whether the env is tripped now.
-local function gate_window(gateKey, policyKey, now, defThreshold, defWindow, defHold, count)
-  local threshold, window, hold = gate_policy(policyKey, defThreshold, defWindow, defHold)
+-- The gate hash as of `now`: the current bucket (ws, wc), the previous one's
+-- count (wp), the trip (tu), rolled forward when a bucket boundary passed.
+local function gate_load(gateKey, now, window)
   local g = rcall("HMGET", gateKey, "ws", "wc", "wp", "tu")
   local ws = tonumber(g[1]) or 0
   local wc = tonumber(g[2]) or 0
@@ -33,6 +34,12 @@ local function gate_window(gateKey, policyKey, now, defThreshold, defWindow, def
     wc = 0
     ws = bucket
   end
+  return ws, wc, wp, tu, bucket
+end
+
+local function gate_window(gateKey, policyKey, now, defThreshold, defWindow, defHold, count)
+  local threshold, window, hold = gate_policy(policyKey, defThreshold, defWindow, defHold)
+  local ws, wc, wp, tu, bucket = gate_load(gateKey, now, window)
   if count then wc = wc + 1 end
   local weight = (window - (now - bucket)) / window
   local windowCount = math.floor(wp * weight) + wc
@@ -57,17 +64,7 @@ end
 -- windowCount, trippedUntil (0 when not tripped) and whether it is tripped.
 local function gate_window_many(gateKey, policyKey, now, defThreshold, defWindow, defHold, n)
   local threshold, window, hold = gate_policy(policyKey, defThreshold, defWindow, defHold)
-  local g = rcall("HMGET", gateKey, "ws", "wc", "wp", "tu")
-  local ws = tonumber(g[1]) or 0
-  local wc = tonumber(g[2]) or 0
-  local wp = tonumber(g[3]) or 0
-  local tu = tonumber(g[4]) or 0
-  local bucket = now - (now % window)
-  if ws ~= bucket then
-    if ws == bucket - window then wp = wc else wp = 0 end
-    wc = 0
-    ws = bucket
-  end
+  local ws, wc, wp, tu, bucket = gate_load(gateKey, now, window)
   local weight = (window - (now - bucket)) / window
   local carried = math.floor(wp * weight)
   local counts, untils, trips = {}, {}, {}

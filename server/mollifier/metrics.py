@@ -112,19 +112,22 @@ def decided(outcome: OutcomeT, started: float, call: str = "evaluate") -> Outcom
     ``outcome`` is anything with ``decision`` and ``reason`` ints (gate.Outcome).
     """
     key = (getattr(outcome, "decision", 0), getattr(outcome, "reason", 0))
-    child = _children.get(key)
-    if child is None:
-        child = _DECISIONS.labels(
-            _enum_label(gate_pb2.Decision, key[0], "DECISION_"),
-            _enum_label(gate_pb2.DecisionReason, key[1], "DECISION_REASON_"),
-        )
-        _children[key] = child
-    child.inc()
-    timer = _timers.get(call)
-    if timer is None:
-        timer = _timers[call] = _DECISION_SECONDS.labels(call)
-    timer.observe(time.perf_counter() - started)
+    (_children.get(key) or _child(key)).inc()
+    (_timers.get(call) or _timer(call)).observe(time.perf_counter() - started)
     return outcome
+
+
+def _child(key: tuple[int, int]) -> Any:
+    child = _children[key] = _DECISIONS.labels(
+        _enum_label(gate_pb2.Decision, key[0], "DECISION_"),
+        _enum_label(gate_pb2.DecisionReason, key[1], "DECISION_REASON_"),
+    )
+    return child
+
+
+def _timer(call: str) -> Any:
+    timer = _timers[call] = _DECISION_SECONDS.labels(call)
+    return timer
 
 
 def decided_many(outcomes: list[OutcomeT], started: float, call: str) -> list[OutcomeT]:
@@ -135,18 +138,8 @@ def decided_many(outcomes: list[OutcomeT], started: float, call: str) -> list[Ou
         key = (getattr(outcome, "decision", 0), getattr(outcome, "reason", 0))
         counts[key] = counts.get(key, 0) + 1
     for key, n in counts.items():
-        child = _children.get(key)
-        if child is None:
-            child = _DECISIONS.labels(
-                _enum_label(gate_pb2.Decision, key[0], "DECISION_"),
-                _enum_label(gate_pb2.DecisionReason, key[1], "DECISION_REASON_"),
-            )
-            _children[key] = child
-        child.inc(n)
-    timer = _timers.get(call)
-    if timer is None:
-        timer = _timers[call] = _DECISION_SECONDS.labels(call)
-    timer.observe(time.perf_counter() - started)
+        (_children.get(key) or _child(key)).inc(n)
+    (_timers.get(call) or _timer(call)).observe(time.perf_counter() - started)
     return outcomes
 
 
