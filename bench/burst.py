@@ -24,16 +24,16 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # for `from bench.stores import ...` when run as a script
 ENV = "env_burst"
 ORG = "org_burst"
 
@@ -395,26 +395,12 @@ def chart(results: list[dict[str, Any]], path: Path) -> bool:
 async def bench(total: int, callers: int) -> list[dict[str, Any]]:
     """Both paths on a Postgres with fsync off (as the tests run it), then both
     again on one with fsync and synchronous_commit on, as production runs."""
-    from mollifier.app import App
-    from mollifier.config import Settings
-    from mollifier.devstack import PostgresProcess, RedisProcess
+    from bench.stores import own_stores
 
     results: list[dict[str, Any]] = []
     for fsync in (False, True):
-        redis_dir = Path(tempfile.mkdtemp(prefix="mollifier-burst-redis-"))
-        pg_dir = Path(tempfile.mkdtemp(prefix="mollifier-burst-pg-"))
-        redis = RedisProcess(redis_dir)
-        pg = PostgresProcess(pg_dir, fsync=fsync)
         tag = ", fsync on" if fsync else ""
-        try:
-            redis.start()
-            pg.start()
-            # Migrations once, as `mollifier serve` would.
-            settings = Settings.from_env(
-                {}, redis_url=redis.url, database_url=pg.url, drain_enabled=False
-            )
-            app = await App.connect(settings, start_background=False)
-            await app.close(grace=0)
+        async with own_stores(fsync=fsync) as (redis, pg):
             a = await straight(pg.url, total, callers, name=f"straight to Postgres{tag}")
             runs = [a]
             if not fsync:
@@ -427,11 +413,6 @@ async def bench(total: int, callers: int) -> list[dict[str, Any]]:
             for r in runs:
                 r["fsync"] = fsync
             results += runs
-        finally:
-            redis.stop()
-            pg.stop()
-            shutil.rmtree(redis_dir, ignore_errors=True)
-            shutil.rmtree(pg_dir, ignore_errors=True)
     return results
 
 
