@@ -14,12 +14,17 @@ the tests), buffers the runs through Buffer.accept, and times:
 - row loop: one INSERT per run, each its own transaction (the seeds' way).
 
 Every method writes into an emptied table, so they are compared on the same rows.
+For the drainer it also reports the CPU each process spent per run (this
+process's getrusage, Redis's INFO cpu, the postgres processes' /proc times):
+on a shared 2-core machine wall times move with other work, CPU much less.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -132,9 +137,45 @@ async def buffer_depth(app: App) -> int:
 
 
 MEMORY: dict[str, float] = {}
+CPU: dict[str, float] = {}
 
 
-async def time_drain(app: App, snaps: list[run_pb2.RunSnapshot]) -> tuple[float, float]:
+def postgres_cpu_s(pg: PostgresProcess) -> float:
+    """User + system CPU seconds of the postmaster and its children (the
+    backends); 0.0 when /proc cannot be read."""
+    try:
+        root = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command name, which is in parentheses and may hold spaces.
+        rest = stat[stat.rindex(")") + 2 :].split()
+        if int(pid) == root or int(rest[1]) == root:
+            total += int(rest[11]) + int(rest[12])
+    return total / tick
+
+
+async def redis_cpu_s(app: App) -> float:
+    info = await app.redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def time_drain(
+    app: App, snaps: list[run_pb2.RunSnapshot], pg: PostgresProcess
+) -> tuple[float, float]:
     used_before = int((await app.redis.info("memory"))["used_memory"])
     start = time.perf_counter()
     for i in range(0, len(snaps), 500):
@@ -154,6 +195,7 @@ async def time_drain(app: App, snaps: list[run_pb2.RunSnapshot]) -> tuple[float,
     drainer = app.drainer
     drainer.settings = app.settings.replace(drain_enabled=True)
     target = drainer.materialized_total + len(snaps)
+    cpu_before = (own_cpu_s(), await redis_cpu_s(app), postgres_cpu_s(pg))
     start = time.perf_counter()
     drainer.start()
     # Poll the drainer's own counter (no Redis round trips competing with it),
@@ -161,6 +203,11 @@ async def time_drain(app: App, snaps: list[run_pb2.RunSnapshot]) -> tuple[float,
     while drainer.materialized_total < target or await buffer_depth(app) > 0:  # noqa: ASYNC110
         await asyncio.sleep(0.005)
     drain_s = time.perf_counter() - start
+    cpu_after = (own_cpu_s(), await redis_cpu_s(app), postgres_cpu_s(pg))
+    for name, before, after in zip(
+        ("drainer", "redis", "postgres"), cpu_before, cpu_after, strict=True
+    ):
+        CPU[name] = (after - before) / len(snaps) * 1e6
     await drainer.stop(5)
     return accept_s, drain_s
 
@@ -201,7 +248,7 @@ async def main(runs: int, loop_runs: int) -> str:
                 assert await count(app) == runs
 
             await truncate(app)
-            accept_s, drain_s = await time_drain(app, snaps)
+            accept_s, drain_s = await time_drain(app, snaps, pg)
             label = f"drainer (batch {size}, concurrency {settings.drain_concurrency})"
             results.append((label, runs, drain_s))
             assert await count(app) == runs
@@ -238,6 +285,9 @@ async def main(runs: int, loop_runs: int) -> str:
         "",
         f"- Drainer end to end: {drain_ratio:.2f} of the COPY ceiling (target >= 0.5: "
         f"{'meets' if drain_ratio >= 0.5 else 'MISSES'}).",
+        f"- Drainer CPU per run: {CPU['drainer']:.1f} us in the drainer's process, "
+        f"{CPU['redis']:.1f} us in Redis, {CPU['postgres']:.1f} us in Postgres "
+        f"({sum(CPU.values()):.1f} us in all, on {os.cpu_count()} cores).",
         f"- Buffering {runs:,} runs through Buffer.accept: {accept_s:.2f} s "
         f"({runs / accept_s:,.0f} runs/s).",
         f"- Redis memory per buffered run: {m['used_memory_per_run']:,.0f} bytes "
