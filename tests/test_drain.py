@@ -506,3 +506,42 @@ async def test_the_loop_drains_while_an_index_repair_is_running(
     finally:
         await d.stop(5)
     assert not d.running
+
+
+async def test_a_trickle_gathers_into_batches_while_the_drainer_lingers(app: App) -> None:
+    """Runs arriving a few at a time are leased in batches, not one lease,
+    transaction and ack per arrival: after a tick that leased under a quarter
+    of a batch the loop waits MOLLIFIER_DRAIN_LINGER_MS."""
+
+    async def trickle(linger_ms: int, env: str) -> tuple[int, int]:
+        d = drainer(app, drain_batch_size=100, drain_idle_ms=5, drain_linger_ms=linger_ms)
+        d.start()
+        try:
+            for _ in range(40):  # 2 runs every 20 ms for 0.8 s
+                await fill(app, [snap(env, "org_trickle"), snap(env, "org_trickle")])
+                await asyncio.sleep(0.02)
+            deadline = asyncio.get_running_loop().time() + 10
+            while d.materialized_total < 80:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.02)
+        finally:
+            await d.stop(2)
+        return d.ticks, d.materialized_total
+
+    eager_ticks, eager_done = await trickle(0, "env_trickle_eager")
+    linger_ticks, linger_done = await trickle(300, "env_trickle_linger")
+    assert eager_done == linger_done == 80, (eager_ticks, linger_ticks)
+    assert app.pool is not None
+    async with app.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT env_id, count(DISTINCT materialized_at) FROM mollifier.runs "
+            "WHERE env_id LIKE %s GROUP BY env_id",
+            ("env_trickle_%",),
+        )
+        batches = {env: int(n) for env, n in await cur.fetchall()}
+    # One transaction per batch, one materialized_at per transaction. Without
+    # a linger nearly every arrival is its own batch; with 300 ms the 0.8 s
+    # trickle fits in a handful.
+    assert batches["env_trickle_linger"] <= 12, batches
+    assert batches["env_trickle_eager"] >= 2 * batches["env_trickle_linger"], batches
+    assert len(await pg_rows(app, "env_id LIKE %s", ("env_trickle_%",))) == 160

@@ -230,3 +230,18 @@ async def test_redis_safety_check_warns_or_refuses(
         assert any("maxmemory-policy" in p for p in problems)
     finally:
         await client.aclose()
+
+
+def test_settle_gc_freezes_start_up_objects_and_collects_less_often() -> None:
+    import gc
+
+    from mollifier.app import GC_GEN0_THRESHOLD, settle_gc
+
+    before = gc.get_threshold()
+    try:
+        settle_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, before[1], before[2])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from typing import Any
 
@@ -17,9 +18,30 @@ from .gate import Gate
 from .mutations import Mutations
 from .scripts import Scripts, load_scripts
 
-__all__ = ["App"]
+__all__ = ["App", "settle_gc"]
 
 log = logging.getLogger("mollifier.app")
+
+
+# Objects allocated between gen-0 collections. Python's default (700) runs a
+# collection every few requests, and every tenth of those walks gen 1; the
+# hot paths allocate many short-lived objects and almost no cycles.
+GC_GEN0_THRESHOLD = 50_000
+
+
+def settle_gc() -> None:
+    """Call once a process has started serving: the objects made while starting
+    (modules, protobuf descriptors, the App) are moved out of the collector's
+    reach, and collections run less often.
+
+    Profiled under Trigger load, the collector's full passes over the ~60,000
+    start-up objects were the largest single cost after gRPC itself; this cut
+    the serving process's CPU per Trigger by about a fifth.
+    """
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 class App:

@@ -123,6 +123,12 @@ class Settings:
     drain_idle_ms: int = _setting(
         100, "Pause between drain ticks when nothing was found.", minimum=1
     )
+    drain_linger_ms: int = _setting(
+        50,
+        "Pause before the next drain tick when the last one leased under a quarter of a "
+        "batch, so a trickle gathers into batches; 0: never.",
+        minimum=0,
+    )
     stale_after_ms: int = _setting(
         300_000, "A buffered run older than this counts as stale in the sweep gauge.", minimum=1000
     )

@@ -33,7 +33,7 @@ from mollifier_client.v1 import (
     mutate_pb2_grpc,
 )
 
-from .app import App
+from .app import App, settle_gc
 from .config import Settings
 from .decoding import GenericOnly, Guarded
 from .drain_service import DrainServicer
@@ -343,6 +343,7 @@ async def serve(settings: Settings, *, ready: Callable[[Sidecar], None] | None =
             children.append(worker)
         for child in children:
             await child.start()
+        settle_gc()
         log.info(
             "mollifier serving",
             extra={

@@ -231,7 +231,7 @@ async def drain_main(settings: Settings, instance: str) -> None:
     """
     from prometheus_client import CollectorRegistry
 
-    from .app import App
+    from .app import App, settle_gc
     from .metrics import DrainCounters, batch_histogram, instrument_drainer
 
     stopping = asyncio.Event()
@@ -244,6 +244,7 @@ async def drain_main(settings: Settings, instance: str) -> None:
         instrument_drainer(app.drainer, counters)
         publisher = CounterPublisher(app.redis, counters_key(instance), app.drainer, counters)
         app.drainer.start()
+        settle_gc()
         log.info("drain process running", extra={"instance": instance})
         while not stopping.is_set():
             try:
@@ -266,7 +267,7 @@ async def drain_main(settings: Settings, instance: str) -> None:
 
 async def worker_main(settings: Settings, instance: str) -> None:
     """An extra gRPC server process on the shared port, until SIGTERM or SIGINT."""
-    from .app import App
+    from .app import App, settle_gc
     from .server import start_server
     from .tracing import tracer_provider_from_env
 
@@ -280,6 +281,7 @@ async def worker_main(settings: Settings, instance: str) -> None:
             app.drainer.remote_key = counters_key(instance)
         await app.start_background()
         sidecar = await start_server(app, tracer_provider=provider, reuse_port=True)
+        settle_gc()
         log.info("worker serving", extra={"address": sidecar.address, "pid": os.getpid()})
         while not stopping.is_set() and os.getppid() == parent:
             with contextlib.suppress(TimeoutError):
