@@ -8,9 +8,10 @@
   entry still exists, is not leased (state Q queued or F dead-lettered: a
   leased run's snapshot is already in a drainer's hands) and its version is
   unchanged; the version is then raised, so every concurrent writer of the same
-  version but one gets VERSION_CHANGED and reads again. lease.lua, nack.lua and
-  ack.lua also raise or delete the version, so a run that went through a lease
-  in between is never written over blindly.
+  version but one gets VERSION_CHANGED and reads again. A run that went through
+  a lease in between is never written over blindly either: while leased it is
+  refused, and it comes back only through a reclaim (lease.lua) or a nack, both
+  of which raise the version, or not at all (ack.lua deletes it).
 
   The answer is kept under the request key before anything else is looked at:
   a retried call with the same request id gets the stored answer and changes

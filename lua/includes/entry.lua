@@ -9,7 +9,7 @@
     ca  accepted at (ms)          org  org id
     du  delay_until (ms, 0 none)  ik   "<task>:<key>" when an idempotency key is bound
     at  materialization attempts  le   last error
-    lt  lease token (state D)     ld   lease deadline (ms, state D)
+    lt  lease token (state D; the deadline is its score in the lease zset)
     cx  cancelled at (ms)         cr   cancel reason
     v   version, raised by every change to the entry (compare-and-set)
 
