@@ -295,7 +295,8 @@ async def main(runs: int, loop_runs: int) -> str:
         f"- Buffering {runs:,} runs through Buffer.accept: {accept_s:.2f} s "
         f"({runs / accept_s:,.0f} runs/s).",
         f"- Redis memory per buffered run: {m['used_memory_per_run']:,.0f} bytes "
-        f"(INFO used_memory less client buffers, delta over {runs:,} runs; MEMORY USAGE of one run hash: "
+        f"(INFO used_memory less client buffers, delta over {runs:,} runs; "
+        f"MEMORY USAGE of one run hash: "
         f"{m['hash_memory_usage']:,.0f}) against {m['snapshot_bytes']:,.0f} snapshot bytes: "
         f"{per_run:.2f}x (target <= 1.5x: {'meets' if per_run <= 1.5 else 'MISSES'}).",
     ]
