@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -223,7 +224,7 @@ async def _measure(
 
 
 async def bench(calls: int, inflights: list[int]) -> list[dict[str, Any]]:
-    from mollifier.app import App
+    from mollifier.app import App, settle_gc
     from mollifier.config import Settings
     from mollifier.devstack import RedisProcess
     from mollifier.server import start_server
@@ -246,6 +247,9 @@ async def bench(calls: int, inflights: list[int]) -> list[dict[str, Any]]:
         app = await App.connect(settings, start_background=False)
         sidecar = await start_server(app, "127.0.0.1:0")
         echo, echo_port = await _echo_server()
+        # As `mollifier serve` does once serving (the echo shares the process).
+        gc_threshold = gc.get_threshold()
+        settle_gc()
         try:
             for inflight in inflights:
                 e = await _measure(f"127.0.0.1:{echo_port}", ECHO, inflight, calls)
@@ -255,6 +259,9 @@ async def bench(calls: int, inflights: list[int]) -> list[dict[str, Any]]:
             b = await _measure(sidecar.address, BATCH, 8, max(80, calls // 20))
             rows.append({"inflight": 8, "batch": b})
         finally:
+            # bench/run.py goes on in this process: as it was before.
+            gc.unfreeze()
+            gc.set_threshold(*gc_threshold)
             await sidecar.stop(0)
             await echo.stop(0)
             await app.close()

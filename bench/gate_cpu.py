@@ -20,7 +20,7 @@ from bench import gate as g
 
 
 async def main() -> None:
-    from mollifier.app import App
+    from mollifier.app import App, settle_gc
     from mollifier.config import Settings
     from mollifier.devstack import RedisProcess
     from mollifier.server import start_server
@@ -35,6 +35,7 @@ async def main() -> None:
     app = await App.connect(s, start_background=False)
     side = await start_server(app, "127.0.0.1:0")
     echo, eport = await g._echo_server()
+    settle_gc()  # as `mollifier serve` does once serving
 
     def redis_cpu() -> float:
         assert redis.proc is not None
