@@ -63,6 +63,18 @@ async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
     await p.close()
 
 
+async def assert_reads_back(
+    pool: AsyncConnectionPool, run_id: str, written: run_pb2.RunSnapshot
+) -> None:
+    """The row of env_a's ``run_id`` reads back as the snapshot written."""
+    got = await read_run(pool, "env_a", run_id)
+    assert got is not None
+    # jsonb keeps the document, not its spelling: compare metadata as JSON.
+    assert json.loads(got.snapshot.metadata) == json.loads(written.metadata)
+    got.snapshot.metadata = written.metadata
+    assert got.snapshot == written
+
+
 async def test_batch_writes_rows_and_is_idempotent(pool: AsyncConnectionPool) -> None:
     entries = [Entry.from_snapshot(snap()) for _ in range(20)]
     first = await materialize_batch(pool, entries)
@@ -215,12 +227,7 @@ async def test_copy_and_insert_write_awkward_text_identically(
     assert a["tags"] == TAGS
     assert a["extra"] == EXTRA
     assert a["idempotency_key"] == AWKWARD
-    got = await read_run(pool, "env_a", "run_awk_copy")
-    assert got is not None
-    # jsonb keeps the document, not its spelling: compare metadata as JSON.
-    assert json.loads(got.snapshot.metadata) == json.loads(copied.metadata)
-    got.snapshot.metadata = copied.metadata
-    assert got.snapshot == copied
+    await assert_reads_back(pool, "run_awk_copy", copied)
 
 
 async def test_copy_batch_writes_awkward_text_like_the_one_row_insert(
@@ -286,11 +293,7 @@ async def test_copy_batch_writes_awkward_text_like_the_one_row_insert(
         row = by_id[s.run_id]
         assert row["tags"] == list(s.tags) and row["queue"] == s.queue
         assert bytes(row["snapshot"]) == s.SerializeToString()
-    got = await read_run(pool, "env_a", "run_awk_b1")
-    assert got is not None
-    assert json.loads(got.snapshot.metadata) == json.loads(copied.metadata)
-    got.snapshot.metadata = copied.metadata
-    assert got.snapshot == copied
+    await assert_reads_back(pool, "run_awk_b1", copied)
 
 
 async def test_write_batch_answers_none_only_when_every_run_is_new(
