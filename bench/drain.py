@@ -220,12 +220,13 @@ async def time_drain(
     return accept_s, drain_s
 
 
-async def main(runs: int, loop_runs: int) -> str:
+async def main(runs: int, loop_runs: int, **drain: int) -> str:
+    """``drain`` overrides settings for the drainer's run (e.g. drain_batch_size)."""
     from bench.stores import own_stores
 
     async with own_stores() as (redis, pg):
         settings = Settings.from_env(
-            {}, redis_url=redis.url, database_url=pg.url, drain_enabled=False
+            {}, redis_url=redis.url, database_url=pg.url, drain_enabled=False, **drain
         )
         app = await App.connect(settings, start_background=False)
         try:
@@ -307,5 +308,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=50_000)
     parser.add_argument("--loop-runs", type=int, default=10_000)
+    parser.add_argument("--batch-size", type=int, help="MOLLIFIER_DRAIN_BATCH_SIZE to try")
+    parser.add_argument("--concurrency", type=int, help="MOLLIFIER_DRAIN_CONCURRENCY to try")
     args = parser.parse_args()
-    print(asyncio.run(main(args.runs, args.loop_runs)))
+    drain = {
+        name: value
+        for name, value in (
+            ("drain_batch_size", args.batch_size),
+            ("drain_concurrency", args.concurrency),
+        )
+        if value
+    }
+    print(asyncio.run(main(args.runs, args.loop_runs, **drain)))
