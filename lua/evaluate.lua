@@ -32,14 +32,8 @@ local queueKey, leaseKey, retryKey = KEYS[3], KEYS[4], KEYS[5]
 --- @include "includes/gate"
 
 local now = now_ms()
-local n = tonumber(ARGV[5]) or 1
-if n <= 1 then
-  local windowCount, threshold, trippedUntil, tripped =
-    gate_window(gateKey, policyKey, now, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), true)
-  local backlog = gate_backlog(queueKey, leaseKey, retryKey)
-  local decision, reason = gate_decide(tripped, backlog, ARGV[4] == "1")
-  return { decision, reason, windowCount, threshold, trippedUntil }
-end
+-- One trigger is the case n = 1: gate_window_many counts it as gate_window does.
+local n = math.max(tonumber(ARGV[5]) or 1, 1)
 local threshold, counts, untils, trips =
   gate_window_many(gateKey, policyKey, now, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), n)
 local backlog = gate_backlog(queueKey, leaseKey, retryKey)

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -134,14 +134,13 @@ class Gate:
         self.scripts = scripts
         self.buffer = buffer
         self.timeout = settings.gate_timeout_ms / 1000
-        self._pipe: AutoPipeline | DirectPipeline = AutoPipeline(redis, scripts)
+        self._pipe = AutoPipeline(redis, scripts)
         self._direct: DirectPipeline | None = None
         if self._pipe.usable and settings.gate_direct_redis and settings.redis_url:
             # The gate's calls are small and many: one connection of their own,
             # written once per loop turn, costs far less per call than the pool;
             # it also bounds each call by the gate timeout itself.
             self._direct = DirectPipeline(settings.redis_url, scripts, timeout=self.timeout)
-            self._pipe = self._direct
         # Per env: its whole evaluate.lua call, packed once (keys and the
         # default policy never change while serving).
         self._evaluate_cmds: dict[str, bytes] = {}
@@ -222,6 +221,22 @@ class Gate:
             self._evaluate_cmds[env_id] = cmd
         return cmd
 
+    async def _run(
+        self, build: Callable[[Any], None], size: int, packed: bytes | None = None
+    ) -> list[Any]:
+        """``build``'s ``size`` commands in one round trip, bounded by the gate
+        timeout: on the gate's own connection (``packed`` instead of ``build``
+        when the caller has the one command packed already), else coalesced
+        into redis-py pipelines, else (Redis Cluster) one by one."""
+        if self._direct is not None:
+            # The connection's own deadline bounds the call (no timer per call).
+            return await self._direct.submit(build if packed is None else packed, size)
+        # asyncio.timeout, not wait_for: no extra task per call.
+        async with asyncio.timeout(self.timeout):
+            if self._pipe.usable:
+                return await self._pipe.submit(build, size)
+            return await self.scripts.execute(self.redis, build)
+
     async def evaluate(self, req: GateRequest) -> Outcome:
         """One decision; never raises for a store failure (FAIL_OPEN instead)."""
         started = time.perf_counter()
@@ -229,28 +244,17 @@ class Gate:
         pre = self.pre_decision(req)
         if pre is not None:
             return metrics.decided(pre, started)
-        direct = self._direct
-        if direct is not None:
-            try:
-                # The pipeline's own deadline bounds the call (no timer per call).
-                r = (await direct.submit(self._evaluate_cmd(req.env_id), 1))[0]
-            except Exception as exc:  # any Redis trouble: pass through, never block
-                return metrics.decided(self._fail_open(exc, req.env_id), started)
-            return metrics.decided(
-                Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])), started
-            )
-        keys, args = self._evaluate_call(req.env_id)
+        env_id = req.env_id
         try:
-            # asyncio.timeout, not wait_for: no extra task per decision.
-            async with asyncio.timeout(self.timeout):
-                if self._pipe.usable:
-                    # Coalesced with the other decisions of this loop turn.
-                    evaluate = self.scripts.evaluate
-                    r = (await self._pipe.submit(lambda p: evaluate.queue(p, keys, args), 1))[0]
-                else:
-                    r = await self.scripts.evaluate(self.redis, keys, args)
+            r = (
+                await self._run(
+                    lambda p: self.scripts.evaluate.queue(p, *self._evaluate_call(env_id)),
+                    1,
+                    self._evaluate_cmd(env_id) if self._direct is not None else None,
+                )
+            )[0]
         except Exception as exc:  # any Redis trouble: pass through, never block
-            return metrics.decided(self._fail_open(exc, req.env_id), started)
+            return metrics.decided(self._fail_open(exc, env_id), started)
         return metrics.decided(
             Outcome(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])), started
         )
@@ -289,11 +293,7 @@ class Gate:
                     self.scripts.evaluate.queue(pipe, keys, (*args, len(idx)))
 
             try:
-                if self._direct is not None:
-                    results = await self._direct.submit(build, len(groups))
-                else:
-                    async with asyncio.timeout(self.timeout):
-                        results = await self.scripts.execute(self.redis, build)
+                results = await self._run(build, len(groups))
             except Exception as exc:
                 failed = self._fail_open(exc)
                 for _, idx in groups:
@@ -359,15 +359,7 @@ class Gate:
             self.buffer.queue_index(pipe, snap.org_id, snap.env_id)
 
         try:
-            if self._direct is not None:
-                # Bounded by the pipeline's own deadline (the gate timeout).
-                results = await self._direct.submit(build, 3)
-            else:
-                async with asyncio.timeout(self.timeout):
-                    if self._pipe.usable:
-                        results = await self._pipe.submit(build, 3)
-                    else:
-                        results = await self.scripts.execute(self.redis, build)
+            results = await self._run(build, 3)
         except Exception as exc:
             # The script may have run before the failure: the caller writes the
             # run with this same run id, and materialization is idempotent on it.
