@@ -46,6 +46,10 @@ Arg = str | bytes | int | float
 # stopped answering must not make the waiting list grow without bound.
 MAX_WAITING = 50_000
 
+
+def _stalled_error() -> RedisConnectionError:
+    return RedisConnectionError("Redis stopped answering on this connection")
+
 # The URL's ssl_* options RedisSSLContext takes (as redis-py's SSLConnection does).
 _SSL_OPTIONS = (
     "keyfile",
@@ -202,9 +206,9 @@ class DirectPipeline:
         if len(self._waiting) + len(self._queued) >= MAX_WAITING:
             # Calls that timed out still sit in the lists until sent or answered.
             self._queued = [c for c in self._queued if not c.fut.done()]
-            if self._waiting and loop.time() - self._progress_at > self.stall_after:
+            if self._stalled(loop.time()):
                 # Full behind a silent connection: replace it now (see _flush).
-                self._abort(RedisConnectionError("Redis stopped answering on this connection"))
+                self._abort(_stalled_error())
             if len(self._waiting) + len(self._queued) >= MAX_WAITING:
                 fut.set_exception(RedisConnectionError("too many calls waiting for Redis"))
                 return fut
@@ -214,25 +218,28 @@ class DirectPipeline:
             self._deadlines.append((deadline, fut))
             if self._timer is None:
                 self._timer = loop.call_at(deadline, self._expire)
-        if self._scheduled:
-            return fut
-        if len(self._writes) < self.max_in_flight:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        else:
-            self._check_stall(loop)
+        if len(self._writes) < self.max_in_flight or self._stalled(loop.time()):
+            # Held back behind unanswered writes unless they look dead, in
+            # which case _flush replaces the connection first.
+            self._schedule(loop)
         return fut
 
-    def _check_stall(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Calls wait behind writes that get no answer: let _flush replace the
-        connection (it drops the old one first)."""
-        if (
-            self._waiting
-            and not self._scheduled
-            and loop.time() - self._progress_at > self.stall_after
-        ):
+    def _stalled(self, now: float) -> bool:
+        """Calls wait on a connection that has answered nothing for too long."""
+        return bool(self._waiting) and now - self._progress_at > self.stall_after
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run _flush on the next loop turn (once, however often asked)."""
+        if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
+
+    def _fail_queued(self, error: BaseException) -> None:
+        """Fail every call not yet sent."""
+        calls, self._queued = self._queued, []
+        for call in calls:
+            if not call.fut.done():
+                call.fut.set_exception(error)
 
     def _expire(self) -> None:
         """Fail the calls whose deadline has passed; re-arm for the next one."""
@@ -252,7 +259,8 @@ class DirectPipeline:
                 break
         # Callers timing out is how a silent connection shows itself even
         # when no new call comes to notice it.
-        self._check_stall(loop)
+        if self._stalled(now):
+            self._schedule(loop)
 
     async def aclose(self) -> None:
         """Close the connection; calls still waiting fail."""
@@ -267,11 +275,9 @@ class DirectPipeline:
         proto = self._proto
         if proto is not None and proto.transport is not None:
             proto.transport.close()
-        self._drop(RedisConnectionError("the connection is closed"))
-        for call in self._queued:
-            if not call.fut.done():
-                call.fut.set_exception(RedisConnectionError("the connection is closed"))
-        self._queued.clear()
+        closed = RedisConnectionError("the connection is closed")
+        self._drop(closed)
+        self._fail_queued(closed)
 
     # -- sending ---------------------------------------------------------------
 
@@ -280,10 +286,10 @@ class DirectPipeline:
         loop = asyncio.get_running_loop()
         now = loop.time()
         proto = self._proto
-        if proto is not None and self._waiting and now - self._progress_at > self.stall_after:
+        if proto is not None and self._stalled(now):
             # Calls have waited too long with nothing coming back: drop the
             # connection (its calls fail) and send the new ones on a fresh one.
-            self._abort(RedisConnectionError("Redis stopped answering on this connection"))
+            self._abort(_stalled_error())
             proto = None
         if not self._queued:
             return
@@ -374,9 +380,8 @@ class DirectPipeline:
         self._failed_at = loop.time()
         self._last_error = error
         self._abort(error)
-        if self._queued and not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        if self._queued:
+            self._schedule(loop)
 
     def _settle(self, call: _Call, resend: list[_Call]) -> None:
         replies = call.replies
@@ -414,11 +419,7 @@ class DirectPipeline:
         if now - self._failed_at < self.retry_connect_after:
             # Redis refused a moment ago: fail fast instead of queueing
             # behind a connect that is likely to fail again.
-            error = self._last_error or RedisConnectionError("Redis is unreachable")
-            calls, self._queued = self._queued, []
-            for call in calls:
-                if not call.fut.done():
-                    call.fut.set_exception(error)
+            self._fail_queued(self._last_error or RedisConnectionError("Redis is unreachable"))
             return
         self._connecting = loop.create_task(self._connect())
 
@@ -449,18 +450,14 @@ class DirectPipeline:
             )
             # Calls already sent behind a failed handshake fail with it.
             self._abort(self._last_error)
-            calls, self._queued = self._queued, []
-            for call in calls:
-                if not call.fut.done():
-                    call.fut.set_exception(self._last_error)
+            self._fail_queued(self._last_error)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
         finally:
             self._connecting = None
-        if self._queued and not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        if self._queued:
+            self._schedule(loop)
 
     async def _open(self, loop: asyncio.AbstractEventLoop) -> _Protocol:
         t = self._target
@@ -526,9 +523,8 @@ class DirectPipeline:
             self._failed_at = now
             self._last_error = RedisConnectionError(f"Redis closed the connection: {exc!r}")
         self._drop(RedisConnectionError(f"connection to Redis lost: {exc!r}"))
-        if self._queued and not self._scheduled and not self._closed:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        if self._queued and not self._closed:
+            self._schedule(asyncio.get_running_loop())
 
     def _abort(self, error: BaseException) -> None:
         proto = self._proto
