@@ -58,12 +58,12 @@ def _snapshot(i: int, env: str = ENV) -> Any:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _kind(pid: str, me: int) -> str | None:
+def _kind(pid: int, me: int) -> str | None:
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
-    if int(pid) == me:
+    if pid == me:
         return "callers (bench process)"
     name = Path(cmd[0].decode(errors="replace")).name if cmd and cmd[0] else ""
     text = b" ".join(cmd).decode(errors="replace")
@@ -81,21 +81,15 @@ def _kind(pid: str, me: int) -> str | None:
 def cpu_by_kind() -> dict[str, float]:
     """CPU seconds so far of every process of a kind that matters here, and the
     machine's busy and total CPU seconds (from /proc/stat)."""
+    from bench.stores import process_cpu
+
     me = os.getpid()
     out: dict[str, float] = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for pid, _, cpu in process_cpu():
         kind = _kind(pid, me)
-        if kind is None:
-            continue
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
-    cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    ticks = [int(x) for x in cpu]
+        if kind is not None:
+            out[kind] = out.get(kind, 0.0) + cpu
+    ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     out["machine busy"] = (sum(ticks) - ticks[3] - ticks[4]) / _TICK
     out["machine total"] = sum(ticks) / _TICK
     return out

@@ -143,24 +143,13 @@ CPU: dict[str, float] = {}
 def postgres_cpu_s(pg: PostgresProcess) -> float:
     """User + system CPU seconds of the postmaster and its children (the
     backends); 0.0 when /proc cannot be read."""
+    from bench.stores import process_cpu
+
     try:
         root = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
-        tick = os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return 0.0
-    total = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        # Fields after the command name, which is in parentheses and may hold spaces.
-        rest = stat[stat.rindex(")") + 2 :].split()
-        if int(pid) == root or int(rest[1]) == root:
-            total += int(rest[11]) + int(rest[12])
-    return total / tick
+    return sum(cpu for pid, ppid, cpu in process_cpu() if root in (pid, ppid))
 
 
 async def redis_cpu_s(app: App) -> float:

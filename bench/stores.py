@@ -1,11 +1,13 @@
-"""The Redis and Postgres a benchmark runs against: its own, on free ports."""
+"""The Redis and Postgres a benchmark runs against (its own, on free ports),
+and the CPU its processes use."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from mollifier.app import App
@@ -39,3 +41,19 @@ async def own_stores(*, fsync: bool = False) -> AsyncIterator[tuple[RedisProcess
         pg.stop()
         shutil.rmtree(redis_dir, ignore_errors=True)
         shutil.rmtree(pg_dir, ignore_errors=True)
+
+
+def process_cpu() -> Iterator[tuple[int, int, float]]:
+    """(pid, parent pid, user + system CPU seconds) of every process on the
+    machine, from /proc; a process that ends while being read is skipped."""
+    tick = os.sysconf("SC_CLK_TCK")
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command name, which is in parentheses and may hold spaces.
+        rest = stat[stat.rindex(")") + 2 :].split()
+        yield int(name), int(rest[1]), (int(rest[11]) + int(rest[12])) / tick
