@@ -18,6 +18,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mollifier.app import App
 from mollifier.devstack import free_port
 from mollifier.metrics import MetricsServer, start_metrics
@@ -243,12 +244,21 @@ def test_serve_exposes_metrics_and_traces(redis_url: str, database_url: str) -> 
                 gate_pb2.EvaluateRequest(env_id=ENV, org_id=ORG, task_identifier="email"),
                 timeout=10,
             )
+            # Health's Watch streams with tracing on too (the tracing
+            # interceptor cannot wrap it, so health is left untraced).
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=10
+            )
+            first = next(watch)
+            watch.cancel()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
         proc.terminate()
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-2000:]
         # The console exporter prints finished spans on stdout at shutdown.
         assert "/mollifier.v1.GateService/Evaluate" in out
         assert "mollifier-test" in out
+        assert "grpc.health.v1.Health" not in out
     finally:
         if proc.poll() is None:
             proc.kill()

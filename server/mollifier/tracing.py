@@ -75,9 +75,15 @@ def tracer_provider_from_env(environ: Mapping[str, str] | None = None) -> Any | 
 def server_interceptor(provider: Any) -> Any:
     """The grpc.aio server interceptor that opens a span per RPC under ``provider``."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    from opentelemetry.instrumentation.grpc.filters import negate, service_name
 
     _record_abort_with_status()
-    return aio_server_interceptor(tracer_provider=provider)
+    # Health is left untraced: its probes are noise in a trace store, and the
+    # interceptor iterates a streaming handler's result with `async for`,
+    # which fails for Watch (it writes with context.write instead).
+    return aio_server_interceptor(
+        tracer_provider=provider, filter_=negate(service_name("grpc.health.v1.Health"))
+    )
 
 
 def _record_abort_with_status() -> None:
