@@ -549,3 +549,42 @@ async def test_a_trickle_gathers_into_batches_while_the_drainer_lingers(app: App
     assert batches["env_trickle_linger"] <= 2 * (took / 0.3 + 1), (batches, took)
     assert batches["env_trickle_eager"] > batches["env_trickle_linger"], batches
     assert len(await pg_rows(app, "env_id LIKE %s", ("env_trickle_%",))) == 160
+
+
+async def test_many_small_envs_drain_without_lingering(app: App) -> None:
+    """The linger is for a trickle, not for many envs with a few runs each:
+    a tick that reached only some of the envs with runs is followed at once
+    by the next (with a 5 s linger per tick, these 60 envs would take a
+    minute)."""
+    for i in range(60):
+        await fill(app, [snap(f"env_small_{i}", "org_small") for _ in range(2)])
+    d = drainer(app, drain_batch_size=100, drain_linger_ms=5000)
+    loop = asyncio.get_running_loop()
+    d.start()
+    try:
+        deadline = loop.time() + 30
+        while d.materialized_total < 120:
+            assert loop.time() < deadline, (d.materialized_total, d.lingers)
+            await asyncio.sleep(0.02)
+    finally:
+        await d.stop(2)
+    # At most the last tick, which reached the last few envs, lingered.
+    assert d.lingers <= 1, (d.lingers, d.ticks)
+    assert len(await pg_rows(app, "env_id LIKE %s", ("env_small_%",))) == 120
+
+
+async def test_a_resume_wakes_the_loop_once(app: App) -> None:
+    """Resume wakes an idle drainer for one tick; later idle sleeps sleep
+    again, instead of the loop spinning on Redis."""
+    d = drainer(app, drain_idle_ms=200)
+    loop = asyncio.get_running_loop()
+    d.start()
+    try:
+        await d.resume()
+        ticks, started = d.ticks, loop.time()
+        await asyncio.sleep(1.0)
+        elapsed = loop.time() - started
+    finally:
+        await d.stop(2)
+    # One tick per idle pause (200 ms), and a few more for a slow machine.
+    assert d.ticks - ticks <= elapsed / 0.2 + 3, (d.ticks - ticks, elapsed)

@@ -125,9 +125,11 @@ class Settings:
     )
     drain_linger_ms: int = _setting(
         50,
-        "Pause before the next drain tick when the last one leased under a quarter of a "
-        "batch, so a trickle gathers into batches; 0: never.",
+        "Pause (0 to 5000 ms) before the next drain tick when the last one leased under a "
+        "quarter of a batch from every env that has runs, so a trickle gathers into "
+        "batches; 0: never.",
         minimum=0,
+        maximum=5000,
     )
     stale_after_ms: int = _setting(
         300_000, "A buffered run older than this counts as stale in the sweep gauge.", minimum=1000

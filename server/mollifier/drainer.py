@@ -224,6 +224,10 @@ class Drainer:
         self.stale_entries = 0
         self.in_flight = 0
         self.ticks = 0
+        # Pauses taken by the linger (see _loop); and whether the last pick
+        # reached every env with runs.
+        self.lingers = 0
+        self._picked_every_env = True
         self._stale_counts: dict[str, int] = {}
         self._sweep_orgs: list[str] = []
         self._sweep_visited: set[str] = set()
@@ -290,8 +294,13 @@ class Drainer:
         self._task = None
 
     async def _sleep(self, seconds: float) -> None:
+        """Sleep, or less when woken (stop, resume, retry_failed)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
+        if not self._stopping:
+            # One wake-up per set(): left set, every later sleep would return
+            # at once and the loop would spin on Redis.
+            self._wake.clear()
 
     async def _repair_in_background(self) -> None:
         try:
@@ -327,12 +336,16 @@ class Drainer:
                     elif (
                         leased < self.settings.drain_batch_size // 4
                         and self.settings.drain_linger_ms
+                        and self._picked_every_env
                     ):
                         # A trickle (the tail of a burst being buffered as it
                         # drains): let it gather into batches. Leasing a few runs
                         # at a time costs a lease, a transaction and an ack each,
                         # and took more CPU per run than the gate's own work,
-                        # on the same cores as the gate.
+                        # on the same cores as the gate. Only when the tick
+                        # reached every env with runs: with more envs waiting
+                        # (many small ones), the next tick has work for Postgres.
+                        self.lingers += 1
                         await self._sleep(self.settings.drain_linger_ms / 1000)
                 except Exception:
                     # One bad tick (Redis blip, ...) never ends the loop; back off.
@@ -423,6 +436,8 @@ class Drainer:
             org: sorted(as_text(e) for e in envs) for org, envs in zip(slice_, members, strict=True)
         }
         live = [org for org in slice_ if envs_by_org[org]]
+        # Whether this tick reaches every indexed env (see the linger in _loop).
+        every = len(slice_) == len(orgs)
         for org in live:
             self._empty_orgs.pop(org, None)
         for org in slice_:
@@ -435,6 +450,9 @@ class Drainer:
         for _ in range(rounds):
             for org in live:
                 picks.append((org, rotation.next_env(org, envs_by_org[org])))
+        self._picked_every_env = every and len(set(picks)) == sum(
+            len(envs_by_org[org]) for org in live
+        )
         return picks
 
     # -- index upkeep ----------------------------------------------------------
