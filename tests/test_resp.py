@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -194,6 +194,86 @@ async def test_password_and_database_from_the_url(
     finally:
         await check.aclose()
         await pipe.aclose()
+
+
+async def test_no_call_runs_behind_a_failed_handshake(
+    redis_factory: Callable[..., RedisProcess],
+) -> None:
+    # A SELECT Redis refuses (16 databases) or an AUTH to a Redis without a
+    # password: the calls must fail, not run in database 0 unauthenticated.
+    server = redis_factory()
+    check = aioredis.Redis.from_url(server.url)
+    urls = (
+        f"redis://127.0.0.1:{server.port}/20",
+        f"redis://:s3cret@127.0.0.1:{server.port}/0",
+    )
+    try:
+        for url in urls:
+            pipe = DirectPipeline(url, load_scripts(), timeout=1.0)
+            try:
+                # Several loop turns' worth of calls, queued while connecting.
+                futs = [pipe.submit(sadd("leaked", f"m{i}"), 1) for i in range(3)]
+                await asyncio.sleep(0)
+                futs.append(pipe.submit(sadd("leaked", "late"), 1))
+                for fut in futs:
+                    with pytest.raises(ResponseError):
+                        await fut
+                # And again on the next connect.
+                await asyncio.sleep(0.2)
+                with pytest.raises(ResponseError):
+                    await pipe.submit(sadd("leaked", "again"), 1)
+            finally:
+                await pipe.aclose()
+            assert await check.smembers("leaked") == set()
+    finally:
+        await check.aclose()
+
+
+async def test_only_the_commands_that_met_noscript_are_sent_again(
+    direct: DirectPipeline, redis_client: aioredis.Redis
+) -> None:
+    # One call whose first script Redis knows and whose second it does not
+    # (as when another client's SCRIPT LOAD lands inside a large call): the
+    # first ran and must not run again.
+    scripts = load_scripts()
+    await redis_client.script_flush()
+    await redis_client.script_load(scripts.evaluate.source)
+    k = env_keys("env_state_mixed")
+    state_keys = [k.gate, k.policy, k.queue, k.lease, k.retry, k.failed]
+
+    def build(pipe: Any) -> None:
+        scripts.evaluate.queue(pipe, [k.gate, k.policy, k.queue, k.lease, k.retry], DEFAULTS)
+        scripts.env_state.queue(pipe, state_keys, DEFAULTS[:3])
+
+    first, _ = await direct.submit(build, 2)
+    assert int(first[2]) == 1  # the window counted this decision once
+    (again,) = await direct.submit(evaluate(scripts, "env_state_mixed"), 1)
+    assert int(again[2]) == 2
+
+
+async def test_redis_py_paths_send_again_only_what_met_noscript(
+    redis_client: aioredis.Redis,
+) -> None:
+    from mollifier.scripts import AutoPipeline
+
+    scripts = load_scripts()
+    auto = AutoPipeline(redis_client, scripts)
+    runs: tuple[Callable[[Callable[[Any], None]], Awaitable[list[Any]]], ...] = (
+        lambda b: scripts.execute(redis_client, b),
+        lambda b: auto.submit(b, 2),
+    )
+    for n, run in enumerate(runs):
+        k = env_keys(f"env_mixed_{n}")
+        await redis_client.script_flush()
+        await redis_client.script_load(scripts.evaluate.source)
+        gate_keys = [k.gate, k.policy, k.queue, k.lease, k.retry]
+
+        def build(pipe: Any, gate_keys: list[str] = gate_keys, k: Any = k) -> None:
+            scripts.evaluate.queue(pipe, gate_keys, DEFAULTS)
+            scripts.env_state.queue(pipe, [*gate_keys, k.failed], DEFAULTS[:3])
+
+        first, _ = await run(build)
+        assert int(first[2]) == 1
 
 
 async def test_close_fails_waiting_calls(redis_factory: Callable[..., RedisProcess]) -> None:

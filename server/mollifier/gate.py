@@ -159,8 +159,19 @@ class Gate:
         not wait for it and a misconfigured URL shows at start, not as FAIL_OPEN."""
         if self._direct is None:
             return
+        loop = asyncio.get_running_loop()
+        # A call gives up after the gate timeout (tens of ms), a connect only
+        # after connect_timeout (a remote or TLS Redis can take longer than
+        # the first): ask again until the connect has had its time.
+        until = loop.time() + self._direct.connect_timeout
         try:
-            await self._direct.submit(PING, 1)
+            while True:
+                try:
+                    await self._direct.submit(PING, 1)
+                    return
+                except TimeoutError:
+                    if loop.time() >= until:
+                        raise
         except Exception as exc:
             log.warning(
                 "the gate's Redis connection failed; decisions fail open until it works",

@@ -55,6 +55,8 @@ _SSL_OPTIONS = (
     "keyfile",
     "certfile",
     "cert_reqs",
+    "include_verify_flags",
+    "exclude_verify_flags",
     "ca_certs",
     "ca_data",
     "ca_path",
@@ -84,9 +86,13 @@ class Batch:
 
 
 class _Call:
-    """One submitted group of commands and the replies gathered for it."""
+    """One submitted group of commands and the replies gathered for it.
 
-    __slots__ = ("build", "fut", "replies", "retried", "size")
+    A call sent again after NOSCRIPT carries only the commands that met it
+    (``slots``: their places among the first call's replies, ``base``).
+    """
+
+    __slots__ = ("base", "build", "chunks", "fut", "replies", "retried", "size", "slots")
 
     def __init__(
         self, build: Callable[[Any], object] | bytes, size: int, fut: asyncio.Future[list[Any]]
@@ -96,6 +102,10 @@ class _Call:
         self.fut = fut
         self.replies: list[Any] = []
         self.retried = False
+        # The packed commands as last sent (None: ``build`` is the one command).
+        self.chunks: list[bytes] | None = None
+        self.slots: list[int] | None = None
+        self.base: list[Any] | None = None
 
 
 def _pack(args: tuple[Any, ...]) -> bytes:
@@ -148,7 +158,7 @@ class DirectPipeline:
         stall_after: float = 2.0,
         retry_connect_after: float = 0.1,
         max_in_flight: int = 1,
-        timeout: float | None = None,
+        timeout: float,
     ) -> None:
         self.url = url
         self.scripts = scripts
@@ -164,7 +174,11 @@ class DirectPipeline:
         # Every call fails with TimeoutError ``timeout`` seconds after it was
         # submitted. One timeout for all calls keeps their deadlines in submit
         # order, so one timer (armed for the oldest) serves them all, instead
-        # of a timer handle and a context manager per call.
+        # of a timer handle and a context manager per call. It is required:
+        # the timer is also what notices a connection gone silent when no new
+        # call comes, so without it a call could wait forever.
+        if not timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds")
         self.timeout = timeout
         self._deadlines: collections.deque[tuple[float, asyncio.Future[list[Any]]]] = (
             collections.deque()
@@ -213,11 +227,10 @@ class DirectPipeline:
                 fut.set_exception(RedisConnectionError("too many calls waiting for Redis"))
                 return fut
         self._queued.append(_Call(build, size, fut))
-        if self.timeout is not None:
-            deadline = loop.time() + self.timeout
-            self._deadlines.append((deadline, fut))
-            if self._timer is None:
-                self._timer = loop.call_at(deadline, self._expire)
+        deadline = loop.time() + self.timeout
+        self._deadlines.append((deadline, fut))
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire)
         if len(self._writes) < self.max_in_flight or self._stalled(loop.time()):
             # Held back behind unanswered writes unless they look dead, in
             # which case _flush replaces the connection first.
@@ -293,6 +306,11 @@ class DirectPipeline:
             proto = None
         if not self._queued:
             return
+        if self._connecting is not None:
+            # Nothing goes out before the handshake is answered: behind a
+            # failed AUTH or SELECT a call would run unauthenticated or in the
+            # wrong database. _connect sends the queue when it is done.
+            return
         if proto is None or proto.transport is None:
             self._connect_soon(loop, now)
             return
@@ -321,6 +339,7 @@ class DirectPipeline:
                     del batch.chunks[before:]
                     call.fut.set_exception(exc)
                     continue
+                call.chunks = batch.chunks[before:]
             call.replies = []
             self._waiting.append(call)
             sent += 1
@@ -385,10 +404,16 @@ class DirectPipeline:
 
     def _settle(self, call: _Call, resend: list[_Call]) -> None:
         replies = call.replies
-        if not call.retried and replies and isinstance(replies[0], NoScriptError):
-            call.retried = True
+        if not call.retried and any(isinstance(r, NoScriptError) for r in replies):
             resend.append(call)
             return
+        if call.slots is not None:
+            # A resend's replies go back to their places among the first ones.
+            assert call.base is not None
+            merged = call.base
+            for i, reply in zip(call.slots, replies, strict=True):
+                merged[i] = reply
+            replies = merged
         if call.fut.done():  # the caller's deadline passed; the reply is dropped
             return
         error = next((r for r in replies if isinstance(r, Exception)), None)
@@ -398,8 +423,11 @@ class DirectPipeline:
             call.fut.set_result(replies)
 
     def _resend(self, proto: _Protocol, calls: list[_Call]) -> None:
-        """Load every script, then send the calls again on the same connection:
-        Redis runs the loads first, so the second EVALSHA finds its script."""
+        """Load every script, then send again, on the same connection, just the
+        commands that met NOSCRIPT: Redis runs the loads first, so the second
+        EVALSHA finds its script. A command that ran is never sent twice (in a
+        large call, another client's SCRIPT LOAD or FLUSH can land between two
+        of its commands, so some may have run and others not)."""
         loads = [s.source for s in self.scripts.by_name.values()]
 
         def load(batch: Any) -> None:
@@ -409,7 +437,27 @@ class DirectPipeline:
         loop = asyncio.get_running_loop()
         ignored: asyncio.Future[list[Any]] = loop.create_future()
         ignored.add_done_callback(_consume)
-        self._send(proto, [_Call(load, len(loads), ignored), *calls], loop.time())
+        again = [_Call(load, len(loads), ignored)]
+        for call in calls:
+            if call.fut.done():
+                continue
+            if call.chunks is not None:
+                sent = call.chunks
+            else:
+                assert isinstance(call.build, bytes)
+                sent = [call.build]
+            slots = [i for i, r in enumerate(call.replies) if isinstance(r, NoScriptError)]
+            chunks = [sent[i] for i in slots]
+
+            def build(batch: Any, chunks: list[bytes] = chunks) -> None:
+                batch.chunks.extend(chunks)
+
+            retry = _Call(build, len(slots), call.fut)
+            retry.retried = True
+            retry.slots = slots
+            retry.base = call.replies
+            again.append(retry)
+        self._send(proto, again, loop.time())
 
     # -- connecting ------------------------------------------------------------
 

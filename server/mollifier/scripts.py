@@ -89,9 +89,9 @@ class Scripts:
             await client.script_load(script.source)
 
     async def execute(self, client: Any, build: Any) -> list[Any]:
-        """Run ``build(pipe)`` as one pipeline; on NOSCRIPT load all and run it again.
+        """Run ``build(pipe)`` as one pipeline; on NOSCRIPT load all and send
+        again just the commands that met it (see ``resend_noscript``).
 
-        Commands queued beside scripts must be safe to repeat (SADD, GET ...).
         On a Redis Cluster client the commands run one by one, in order:
         redis-py refuses EVALSHA inside a cluster pipeline.
         """
@@ -99,18 +99,36 @@ class Scripts:
             seq = _Sequential(client, {s.sha: s for s in self.by_name.values()})
             build(seq)
             return await seq.execute()
-        for attempt in (0, 1):
-            pipe = client.pipeline(transaction=False)
-            build(pipe)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                await self.load_all(client)
-                continue
-            for r in results:
-                if isinstance(r, Exception):
-                    raise r
-            return results
-        raise AssertionError("unreachable")  # pragma: no cover
+        pipe = client.pipeline(transaction=False)
+        build(pipe)
+        stack = list(pipe.command_stack)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        await self.resend_noscript(client, stack, results)
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
+
+    async def resend_noscript(
+        self, client: Any, stack: Sequence[tuple[Any, ...]], results: list[Any]
+    ) -> None:
+        """Where ``results`` (the replies to a pipeline's ``command_stack``,
+        ``stack``) hold NOSCRIPT: load every script and send those commands
+        once more, putting their replies in place. Only those: in a large
+        pipeline another client's SCRIPT LOAD or FLUSH can land between two
+        commands, so some scripts may have run and others not, and a script
+        that ran must not run twice (it would count a decision twice)."""
+        slots = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if not slots:
+            return
+        await self.load_all(client)
+        again = client.pipeline(transaction=False)
+        for i in slots:
+            args, options = stack[i]
+            again.execute_command(*args, **options)
+        replies = await again.execute(raise_on_error=False)
+        for i, reply in zip(slots, replies, strict=True):
+            results[i] = reply
 
 
 class _Sequential:
@@ -168,8 +186,8 @@ class AutoPipeline:
     far less per-call client work, which is what the gate's hot path needs.
 
     Calls are only coalesced, never merged: each still runs as its own script
-    in Redis, in the order submitted. A group whose script Redis does not know
-    (NOSCRIPT) is sent again, alone with the others that failed so, after the
+    in Redis, in the order submitted. A command whose script Redis does not
+    know (NOSCRIPT) is sent again, with the others that failed so, after the
     scripts are loaded: nothing that ran is run twice. Not for cluster clients
     (redis-py refuses EVALSHA in a cluster pipeline); callers check ``usable``.
     """
@@ -215,35 +233,30 @@ class AutoPipeline:
 
     async def _send(self, groups: list[_Group]) -> None:
         pending = [g for g in groups if not g[2].done()]
-        for attempt in (0, 1):
-            if not pending:
-                return
-            try:
-                if attempt:
-                    await self.scripts.load_all(self.client)
-                pipe = self.client.pipeline(transaction=False)
-                for build, _, _ in pending:
-                    build(pipe)
-                results: list[Any] = await pipe.execute(raise_on_error=False)
-            except Exception as exc:
-                for _, _, fut in pending:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                return
-            retry: list[_Group] = []
-            pos = 0
-            for group in pending:
-                _, size, fut = group
-                part = results[pos : pos + size]
-                pos += size
-                if attempt == 0 and part and isinstance(part[0], NoScriptError):
-                    retry.append(group)
-                    continue
-                if fut.done():  # the caller gave up (its deadline passed)
-                    continue
-                error = next((r for r in part if isinstance(r, Exception)), None)
-                if error is not None:
-                    fut.set_exception(error)
-                else:
-                    fut.set_result(part)
-            pending = retry
+        if not pending:
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for build, _, _ in pending:
+                build(pipe)
+            stack = list(pipe.command_stack)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            # Only the commands that met NOSCRIPT go again: nothing that ran
+            # runs twice.
+            await self.scripts.resend_noscript(self.client, stack, results)
+        except Exception as exc:
+            for _, _, fut in pending:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        pos = 0
+        for _, size, fut in pending:
+            part = results[pos : pos + size]
+            pos += size
+            if fut.done():  # the caller gave up (its deadline passed)
+                continue
+            error = next((r for r in part if isinstance(r, Exception)), None)
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(part)
