@@ -7,6 +7,10 @@
   dead-lettered; runs whose backoff ended leave the retry set for the queue,
   also at `sc`. Then it pops up to N runs from the head.
 
+  A hash missing what it cannot be drained without (its snapshot `s`, or its
+  queue place `sc` when it comes back) is dead-lettered with the reason in
+  `le`, counted in deadLettered: kept and readable, never left in no set.
+
   Attempts are counted here, at lease: every lease is one materialization
   attempt, so a run whose batch kills its drainer (and is never nacked) still
   runs out of attempts and is dead-lettered instead of looping forever.
@@ -51,13 +55,25 @@ local deadline = now + leaseMs
 local deadlineText = string.format("%d", deadline)
 local reclaimed, deadLettered = 0, 0
 
+-- A damaged hash (a field it cannot be drained without is missing) goes to
+-- the failed set with the reason, like a run out of attempts.
+local function dead_letter_damaged(runKey, runId, reason)
+  rcall("HDEL", runKey, "lt")
+  rcall("HSET", runKey, "st", "F", "le", reason)
+  rcall("HINCRBY", runKey, "v", 1)
+  rcall("ZADD", failedKey, now, runId)
+  deadLettered = deadLettered + 1
+end
+
 -- Expired leases: back to the head, or dead-lettered when out of attempts.
 local expired = rcall("ZRANGEBYSCORE", leaseKey, "-inf", "(" .. now, "LIMIT", 0, reclaimMax)
 for _, runId in ipairs(expired) do
   local runKey = prefix .. runId
   rcall("ZREM", leaseKey, runId)
   local f = rcall("HMGET", runKey, "sc", "at")
-  if f[1] then
+  if not f[1] and rcall("EXISTS", runKey) == 1 then
+    dead_letter_damaged(runKey, runId, "buffered run has no queue place (sc)")
+  elseif f[1] then
     -- `ld` is no longer written; cleared for entries leased before that.
     rcall("HDEL", runKey, "lt", "ld")
     if (tonumber(f[2]) or 0) >= maxAttempts then
@@ -80,6 +96,8 @@ for _, runId in ipairs(due) do
   local sc = rcall("HGET", prefix .. runId, "sc")
   if sc then
     rcall("ZADD", queueKey, sc, runId)
+  elseif rcall("EXISTS", prefix .. runId) == 1 then
+    dead_letter_damaged(prefix .. runId, runId, "buffered run has no queue place (sc)")
   end
 end
 
@@ -94,8 +112,12 @@ if want > 0 then
     for _, runId in ipairs(ids) do
       local runKey = prefix .. runId
       local f = rcall("HMGET", runKey, "s", "ca", "at", "cx", "cr", "le")
-      -- A queue ref whose hash is gone (should not happen): dropped, never leased.
-      if f[1] then
+      -- A queue ref whose hash is gone (should not happen): dropped, never
+      -- leased. A hash without its snapshot can never be written: it is
+      -- dead-lettered, kept and readable, rather than left in no set.
+      if not f[1] and rcall("EXISTS", runKey) == 1 then
+        dead_letter_damaged(runKey, runId, "buffered run has no snapshot")
+      elseif f[1] then
         local at = (tonumber(f[3]) or 0) + 1
         rcall("HSET", runKey, "st", "D", "lt", token, "at", at)
         leased[#leased + 1] = deadlineText

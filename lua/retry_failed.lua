@@ -40,14 +40,18 @@ end
 local retried = 0
 for _, runId in ipairs(ids) do
   if rcall("ZSCORE", failedKey, runId) then
-    rcall("ZREM", failedKey, runId)
     local runKey = prefix .. runId
     local sc = rcall("HGET", runKey, "sc")
     if sc then
+      rcall("ZREM", failedKey, runId)
       rcall("HSET", runKey, "st", "Q", "at", 0)
       rcall("HINCRBY", runKey, "v", 1)
       rcall("ZADD", queueKey, sc, runId)
       retried = retried + 1
+    elseif rcall("EXISTS", runKey) == 0 then
+      -- A reference to nothing: dropped. A hash without its queue place
+      -- (damaged) stays in the failed set, readable, rather than in no set.
+      rcall("ZREM", failedKey, runId)
     end
   end
 end

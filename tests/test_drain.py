@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 from mollifier.app import App
-from mollifier.codec import now_ms
+from mollifier.buffer import RESULT_ACCEPTED
+from mollifier.codec import now_ms, ts_from_ms
 from mollifier.config import Settings
 from mollifier.drainer import Drainer
 from mollifier.errors import InvalidArgument
@@ -588,3 +589,67 @@ async def test_a_resume_wakes_the_loop_once(app: App) -> None:
         await d.stop(2)
     # One tick per idle pause (200 ms), and a few more for a slow machine.
     assert d.ticks - ticks <= elapsed / 0.2 + 3, (d.ticks - ticks, elapsed)
+
+
+async def test_two_runs_with_one_expired_key_in_one_batch_are_both_written(app: App) -> None:
+    """A key whose expiry passed is free again: a second run may take it while
+    the first is still buffered. Drained in one batch, both become rows (the
+    older without the key), neither resolved to the other."""
+    first = snap("env_twins", "org_twins", idempotency_key="kk")
+    first.idempotency_key_expires_at.CopyFrom(ts_from_ms(now_ms() + 300))
+    assert (await app.buffer.accept(first)).result == RESULT_ACCEPTED
+    await asyncio.sleep(0.4)
+    second = snap("env_twins", "org_twins", idempotency_key="kk")
+    second.idempotency_key_expires_at.CopyFrom(ts_from_ms(now_ms() + 60_000))
+    assert (await app.buffer.accept(second)).result == RESULT_ACCEPTED
+    d = drainer(app, drain_batch_size=100)
+    await drain_until_empty(d)
+    assert app.pool is not None
+    async with app.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT run_id, idempotency_key FROM mollifier.runs WHERE env_id = %s",
+            ("env_twins",),
+        )
+        rows: dict[str, str | None] = dict(await cur.fetchall())
+    assert rows == {first.run_id: None, second.run_id: "kk"}
+    assert (await app.buffer.get_run("env_twins", second.run_id)).run_id == second.run_id
+
+
+async def test_a_damaged_field_dead_letters_its_run_alone(app: App) -> None:
+    bad = snap("env_dmg", "org_dmg")
+    good = [snap("env_dmg", "org_dmg") for _ in range(5)]
+    await fill(app, [bad, *good], at_once=1)
+    k = env_keys("env_dmg")
+    await app.redis.hset(k.run(bad.run_id), "ca", "garbage")
+    await drain_until_empty(drainer(app))
+    assert sorted(r[0] for r in await pg_rows(app, "env_id = 'env_dmg'")) == sorted(
+        g.run_id for g in good
+    )
+    assert [m.decode() for m in await app.redis.zrange(k.failed, 0, -1)] == [bad.run_id]
+    assert b"damaged" in (await app.redis.hget(k.run(bad.run_id), "le") or b"")
+
+
+async def test_a_hash_missing_what_the_drain_needs_is_dead_lettered_not_dropped(
+    app: App,
+) -> None:
+    """A hash without its snapshot (or its queue place) cannot be drained: it
+    goes to the failed set, readable, instead of into no set at all; and
+    RetryFailed leaves one without its queue place there."""
+    no_snapshot, no_place = snap("env_hole", "org_hole"), snap("env_hole", "org_hole")
+    await fill(app, [no_snapshot, no_place], at_once=1)
+    k = env_keys("env_hole")
+    await app.redis.hdel(k.run(no_snapshot.run_id), "s")
+    d = drainer(app, drain_lease_ms=200)
+    # The second is leased, then loses its queue place while leased; its
+    # lease runs out and the reclaim finds the hash without it.
+    batch = await d.lease_env("env_hole", 10, 200, "tok")
+    assert [r.run_id for r in batch.runs] == [no_place.run_id]
+    await app.redis.hdel(k.run(no_place.run_id), "sc")
+    await asyncio.sleep(0.3)
+    await d.lease_env("env_hole", 10, 200, "tok2")
+    failed = {m.decode() for m in await app.redis.zrange(k.failed, 0, -1)}
+    assert failed == {no_snapshot.run_id, no_place.run_id}
+    for run_id in failed:
+        assert await app.redis.hget(k.run(run_id), "st") == b"F"
+    await d.retry_failed("env_hole", [no_place.run_id])
+    assert await app.redis.zscore(k.failed, no_place.run_id) is not None

@@ -720,12 +720,16 @@ class Drainer:
             run_id = run_id_b.decode()
             try:
                 snap = decode_snapshot(env_id, run_id, raw)
+                entry = Entry(snap, _int(ca), _int(cx) if cx else 0, cr.decode() if cr else "", raw)
             except DamagedEntry as exc:
                 damaged.append((run_id, exc.message))
                 continue
-            entries.append(
-                Entry(snap, _int(ca), _int(cx) if cx else 0, cr.decode() if cr else "", raw)
-            )
+            except (ValueError, UnicodeDecodeError) as exc:
+                # A buffer field that is not what it should be: this run alone
+                # is dead-lettered, not the batch around it.
+                damaged.append((run_id, f"buffered run {run_id} has a damaged field: {exc}"))
+                continue
+            entries.append(entry)
             ids.append(run_id)
         for run_id, message in damaged:
             # Nothing can be written from it; keep it, readable, in the failed set.

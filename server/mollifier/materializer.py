@@ -697,6 +697,7 @@ async def write_batch(
     the drainer's common case, where building a Result per run is wasted work."""
     if not entries:
         return []
+    entries = _free_expired_twins(entries)
     text, keyed = "", True
     if method == "copy" and len(entries) > 1:
         # Built before a connection is taken: the connection waits for no CPU.
@@ -705,6 +706,44 @@ async def write_batch(
         async with target.connection() as conn:
             return await _write_batch(conn, entries, check, method, text, keyed)
     return await _write_batch(target, entries, check, method, text, keyed)
+
+
+def _free_expired_twins(entries: Sequence[Entry]) -> Sequence[Entry]:
+    """The batch with a key left off every run that held it before a newer run
+    of the batch took it.
+
+    A key whose expiry passed is free again, so one batch can hold two runs
+    with the same key: the older one (expired) and the newer one (accepted
+    after that). Written as they are, the second would meet the first's key
+    and be resolved to it: a run its caller was told exists would never be
+    written. The older row is written without the key, as it would be once
+    released (``_RELEASE_EXPIRED_SQL``) had it been written first.
+    """
+    newest: dict[tuple[str, str, str], int] = {}
+    twins = False
+    for i, e in enumerate(entries):
+        s = e.snapshot
+        if s.idempotency_key:
+            key = (s.env_id, s.task_identifier, s.idempotency_key)
+            twins = twins or key in newest
+            newest[key] = i  # the batch is in arrival order
+    if not twins:
+        return entries
+    out = list(entries)
+    for i, e in enumerate(entries):
+        s = e.snapshot
+        if not s.idempotency_key or not s.HasField("idempotency_key_expires_at"):
+            continue
+        later = newest[(s.env_id, s.task_identifier, s.idempotency_key)]
+        if later == i:
+            continue
+        if ms_from_ts(s.idempotency_key_expires_at) <= entries[later].accepted_ms:
+            freed = run_pb2.RunSnapshot()
+            freed.CopyFrom(s)
+            freed.ClearField("idempotency_key")
+            freed.ClearField("idempotency_key_expires_at")
+            out[i] = Entry(freed, e.accepted_ms, e.canceled_ms, e.cancel_reason, e.raw)
+    return out
 
 
 async def _write_batch(
