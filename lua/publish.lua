@@ -11,7 +11,7 @@
     ARGV[3] binding expires at (ms, absolute)
 
   Output: { code, runId }
-    1: bound to runId
+    1: bound to runId (also when it already was: a repeated publish)
     0: the claim is not held under this token; nothing changed
    -1: the key is already bound to another run (runId names it); claim dropped
 ]]
@@ -20,6 +20,11 @@ local bindingKey, claimKey = KEYS[1], KEYS[2]
 local token, runId, expiresAt = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 if rcall("GET", claimKey) ~= token then
+  -- The same publish again (its answer was lost, the client retried): the
+  -- key is bound as asked, so it answers as the first did.
+  if rcall("GET", bindingKey) == runId then
+    return { 1, runId }
+  end
   return { 0, "" }
 end
 rcall("DEL", claimKey)

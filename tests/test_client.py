@@ -287,6 +287,29 @@ async def test_helpers_fail_open_on_their_deadline(black_hole_address: str) -> N
     assert time.monotonic() - started < 2.0
 
 
+async def test_a_closed_client_raises_a_client_error_and_helpers_fail_open(
+    sidecar: LiveSidecar,
+) -> None:
+    from mollifier_client import CancelledError
+
+    aclient = AsyncClient.connect(sidecar.address)
+    await aclient.close()
+    with pytest.raises(CancelledError) as caught:
+        await aclient.get_run(env_id="env_1", run_id="run_1")
+    assert caught.value.reason == "CLIENT_CLOSED"
+    answer = await aclient.trigger_or_pass(env_id="env_1", org_id="org_1", task_identifier="t")
+    assert answer.reason == gate_pb2.DECISION_REASON_FAIL_OPEN
+
+    def sync_side() -> gate_pb2.TriggerResponse:
+        client = Client.connect(sidecar.address)
+        client.close()
+        with pytest.raises(CancelledError):
+            client.get_run(env_id="env_1", run_id="run_1")
+        return client.trigger_or_pass(env_id="env_1", org_id="org_1", task_identifier="t")
+
+    assert (await asyncio.to_thread(sync_side)).reason == gate_pb2.DECISION_REASON_FAIL_OPEN
+
+
 async def test_plain_calls_retry_unavailable_then_raise_within_deadline(
     refused_address: str,
 ) -> None:
@@ -471,6 +494,24 @@ def test_only_safe_failures_are_retried() -> None:
     short = Attempts(policy, 0.5, retry_deadline=False)
     short.timeout()
     assert short.pause(UnavailableError("busy", retry_after=2.0)) is None
+
+    # UNAVAILABLE can follow a request the server ran: calls that would count,
+    # take or settle anew are not sent twice.
+    from mollifier_client import _methods as m
+
+    not_again: tuple[m.Method[Any, Any], ...] = (
+        m.EVALUATE, m.EVALUATE_BATCH, m.CLAIM_IDEMPOTENCY_KEY, m.LEASE, m.ACK, m.NACK,
+    )  # fmt: skip
+    for one in not_again:
+        once_only = Attempts(
+            policy, 5.0, retry_deadline=one.retry_deadline, retry_unavailable=one.retry_unavailable
+        )
+        once_only.timeout()
+        assert once_only.pause(unavailable) is None, one.name
+    again: tuple[m.Method[Any, Any], ...] = (
+        m.TRIGGER, m.ACCEPT, m.GET_RUN, m.CANCEL_RUN, m.PUBLISH_IDEMPOTENCY_KEY,
+    )  # fmt: skip
+    assert all(one.retry_unavailable for one in again)
 
     # Trigger and Accept requests get a run id before the first attempt.
     assert TRIGGER.build(None, {"env_id": "env_1"}).snapshot.run_id.startswith("run_")

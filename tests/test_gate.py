@@ -474,6 +474,12 @@ async def test_stale_holder_cannot_publish_or_release(
         assert await app.gate.publish(env, "task-a", "key-2", fresh.claim_token, "run_fresh")
         assert await redis_client.get(k.idem("task-a", "key-2")) == b"run_fresh"
         assert await redis_client.get(k.claim("task-a", "key-2")) is None
+        # The same publish again (a client retrying a lost answer) answers as
+        # the first did; the stale holder's still cannot.
+        again = await app.gate.publish(env, "task-a", "key-2", fresh.claim_token, "run_fresh")
+        assert again == "run_fresh"
+        with pytest.raises(FailedPrecondition):
+            await app.gate.publish(env, "task-a", "key-2", stale.claim_token, "run_stale")
 
 
 async def test_release_frees_the_key_for_the_next_claimer(redis_url: str) -> None:

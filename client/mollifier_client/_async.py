@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
@@ -23,7 +23,7 @@ from mollifier_client._channel import (
     channel_credentials,
     channel_options,
 )
-from mollifier_client._errors import MollifierError, error_from_rpc
+from mollifier_client._errors import CancelledError, MollifierError, error_from_rpc
 from mollifier_client._retry import NO_RETRY, Attempts, RetryPolicy
 from mollifier_client._trigger import fail_open_evaluate, fail_open_trigger, fills_open
 from mollifier_client.v1 import buffer_pb2, drain_pb2, gate_pb2, mutate_pb2
@@ -69,6 +69,7 @@ class AsyncClient:
     ) -> None:
         """Wrap an existing channel; most callers want :meth:`connect` instead."""
         self._channel = channel
+        self._closed = False
         self._metadata = auth_metadata(token, metadata)
         self._default_timeout = default_timeout
         self._gate_timeout = gate_timeout
@@ -90,7 +91,7 @@ class AsyncClient:
         gate_timeout: float = 0.1,
         retry: RetryPolicy | None = None,
         metadata: Metadata | None = None,
-        options: Metadata | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
     ) -> Self:
         """A client for the sidecar at ``target`` (``host:port``).
 
@@ -143,6 +144,7 @@ class AsyncClient:
 
     async def close(self, grace: float | None = None) -> None:
         """Close the channel; calls still running are cancelled after ``grace`` seconds."""
+        self._closed = True
         await self._channel.close(grace)
 
     async def __aenter__(self) -> Self:
@@ -178,7 +180,16 @@ class AsyncClient:
         rpc = getattr(self._stubs[method.service], method.name)
         md = self._metadata + tuple(metadata or ())
         budget = self._default_timeout if timeout is None else timeout
-        attempts = Attempts(policy, budget, retry_deadline=method.retry_deadline)
+        if self._closed:
+            # Not gRPC's own ValueError / UsageError: the fail-open helpers
+            # pass through on a MollifierError, as for any unreachable sidecar.
+            raise CancelledError("the client is closed", reason="CLIENT_CLOSED")
+        attempts = Attempts(
+            policy,
+            budget,
+            retry_deadline=method.retry_deadline,
+            retry_unavailable=method.retry_unavailable,
+        )
         while True:
             try:
                 answer = await rpc(request, timeout=attempts.timeout(), metadata=md)

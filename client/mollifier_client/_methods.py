@@ -53,6 +53,13 @@ class Method(Generic[Req, Resp]):
     retry_deadline: bool = False
     # Fills client-made ids so that a retried request is the same request.
     prepare: Callable[[Any], None] | None = None
+    # Retry UNAVAILABLE. Off where running twice is not the same as once: an
+    # UNAVAILABLE can come after the server ran the request (the connection
+    # dropped before the answer), and a second Evaluate counts twice, a second
+    # Claim or Lease takes anew while the first's token is lost, a second Ack
+    # or Nack finds its runs settled. (A request that never left the client is
+    # retried by gRPC itself.)
+    retry_unavailable: bool = True
 
     def build(self, request: Req | None, fields: Mapping[str, Any]) -> Req:
         """The request to send: ``request`` (copied) or one made from ``fields``."""
@@ -81,23 +88,35 @@ def _m(
     *,
     retry_deadline: bool = False,
     prepare: Callable[[Any], None] | None = None,
+    retry_unavailable: bool = True,
 ) -> Method[Req, Resp]:
-    return Method(service, name, req, resp, retry_deadline, prepare)
+    return Method(service, name, req, resp, retry_deadline, prepare, retry_unavailable)
 
 
 # GateService
-EVALUATE = _m("gate", "Evaluate", gate_pb2.EvaluateRequest, gate_pb2.EvaluateResponse)
+EVALUATE = _m(
+    "gate",
+    "Evaluate",
+    gate_pb2.EvaluateRequest,
+    gate_pb2.EvaluateResponse,
+    retry_unavailable=False,
+)
 TRIGGER = _m(
     "gate", "Trigger", gate_pb2.TriggerRequest, gate_pb2.TriggerResponse, prepare=_fill_run_id
 )
 EVALUATE_BATCH = _m(
-    "gate", "EvaluateBatch", gate_pb2.EvaluateBatchRequest, gate_pb2.EvaluateBatchResponse
+    "gate",
+    "EvaluateBatch",
+    gate_pb2.EvaluateBatchRequest,
+    gate_pb2.EvaluateBatchResponse,
+    retry_unavailable=False,
 )
 CLAIM_IDEMPOTENCY_KEY = _m(
     "gate",
     "ClaimIdempotencyKey",
     gate_pb2.ClaimIdempotencyKeyRequest,
     gate_pb2.ClaimIdempotencyKeyResponse,
+    retry_unavailable=False,
 )
 PUBLISH_IDEMPOTENCY_KEY = _m(
     "gate",
@@ -156,9 +175,11 @@ REPLAY_RUN = _once("mutate", "ReplayRun", mutate_pb2.ReplayRunRequest, mutate_pb
 GET_STATUS = _m("drain", "GetStatus", drain_pb2.GetStatusRequest, drain_pb2.GetStatusResponse)
 PAUSE = _m("drain", "Pause", drain_pb2.PauseRequest, drain_pb2.PauseResponse)
 RESUME = _m("drain", "Resume", drain_pb2.ResumeRequest, drain_pb2.ResumeResponse)
-LEASE = _m("drain", "Lease", drain_pb2.LeaseRequest, drain_pb2.LeaseResponse)
-ACK = _m("drain", "Ack", drain_pb2.AckRequest, drain_pb2.AckResponse)
-NACK = _m("drain", "Nack", drain_pb2.NackRequest, drain_pb2.NackResponse)
+LEASE = _m(
+    "drain", "Lease", drain_pb2.LeaseRequest, drain_pb2.LeaseResponse, retry_unavailable=False
+)
+ACK = _m("drain", "Ack", drain_pb2.AckRequest, drain_pb2.AckResponse, retry_unavailable=False)
+NACK = _m("drain", "Nack", drain_pb2.NackRequest, drain_pb2.NackResponse, retry_unavailable=False)
 LIST_FAILED = _m("drain", "ListFailed", drain_pb2.ListFailedRequest, drain_pb2.ListFailedResponse)
 RETRY_FAILED = _once(
     "drain", "RetryFailed", drain_pb2.RetryFailedRequest, drain_pb2.RetryFailedResponse

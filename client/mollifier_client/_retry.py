@@ -1,11 +1,16 @@
 """Retry policy and the bookkeeping of one call's attempts.
 
-Only failures that are safe to repeat are retried: ``UNAVAILABLE`` always (the
-request did not run, or it is idempotent: Trigger and Accept carry a run id
-the client fills in), and ``DEADLINE_EXCEEDED`` only for calls that carry a
-``request_id`` (the MutateService calls and RetryFailed), which the server
-applies once. Every attempt and every pause fits inside the call's overall
-deadline.
+Only failures that are safe to repeat are retried. ``UNAVAILABLE`` may come
+after the server ran the request (the connection dropped before the answer),
+so it is retried only for calls that are the same run twice as once: reads,
+Trigger and Accept (they carry a run id the client fills in), calls with a
+``request_id`` (the MutateService calls and RetryFailed, applied once by the
+server), and the calls that set a state (SetEnvPolicy, Pause, Resume, Publish,
+Release). Evaluate, EvaluateBatch, ClaimIdempotencyKey, Lease, Ack and Nack
+are not retried: a second one counts, takes or settles anew. (A request that
+never left the client is retried by gRPC itself.) ``DEADLINE_EXCEEDED`` is
+retried only for calls with a ``request_id``. Every attempt and every pause
+fits inside the call's overall deadline.
 """
 
 from __future__ import annotations
@@ -58,10 +63,18 @@ _MIN_ATTEMPT = 0.005
 class Attempts:
     """The attempts of one call: per-attempt timeouts and pauses between them."""
 
-    def __init__(self, policy: RetryPolicy, timeout: float | None, *, retry_deadline: bool) -> None:
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        timeout: float | None,
+        *,
+        retry_deadline: bool,
+        retry_unavailable: bool = True,
+    ) -> None:
         self._policy = policy
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._retry_deadline = retry_deadline
+        self._retry_unavailable = retry_unavailable
         self._attempt = 0
 
     def timeout(self) -> float | None:
@@ -75,7 +88,7 @@ class Attempts:
         """Seconds to wait before retrying after ``err``, or None to give up."""
         if self._attempt >= self._policy.max_attempts:
             return None
-        retryable = err.code is grpc.StatusCode.UNAVAILABLE or (
+        retryable = (err.code is grpc.StatusCode.UNAVAILABLE and self._retry_unavailable) or (
             err.code is grpc.StatusCode.DEADLINE_EXCEEDED and self._retry_deadline
         )
         if not retryable:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
@@ -19,7 +19,7 @@ from mollifier_client._channel import (
     channel_credentials,
     channel_options,
 )
-from mollifier_client._errors import MollifierError, error_from_rpc
+from mollifier_client._errors import CancelledError, MollifierError, error_from_rpc
 from mollifier_client._retry import NO_RETRY, Attempts, RetryPolicy
 from mollifier_client._trigger import fail_open_evaluate, fail_open_trigger, fills_open
 from mollifier_client.v1 import buffer_pb2, drain_pb2, gate_pb2, mutate_pb2
@@ -65,6 +65,7 @@ class Client:
     ) -> None:
         """Wrap an existing channel; most callers want :meth:`connect` instead."""
         self._channel = channel
+        self._closed = False
         self._metadata = auth_metadata(token, metadata)
         self._default_timeout = default_timeout
         self._gate_timeout = gate_timeout
@@ -86,7 +87,7 @@ class Client:
         gate_timeout: float = 0.1,
         retry: RetryPolicy | None = None,
         metadata: Metadata | None = None,
-        options: Metadata | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
     ) -> Self:
         """A client for the sidecar at ``target`` (``host:port``).
 
@@ -139,6 +140,7 @@ class Client:
 
     def close(self) -> None:
         """Close the channel; calls still running are cancelled."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Self:
@@ -174,7 +176,16 @@ class Client:
         rpc = getattr(self._stubs[method.service], method.name)
         md = self._metadata + tuple(metadata or ())
         budget = self._default_timeout if timeout is None else timeout
-        attempts = Attempts(policy, budget, retry_deadline=method.retry_deadline)
+        if self._closed:
+            # Not gRPC's own ValueError / UsageError: the fail-open helpers
+            # pass through on a MollifierError, as for any unreachable sidecar.
+            raise CancelledError("the client is closed", reason="CLIENT_CLOSED")
+        attempts = Attempts(
+            policy,
+            budget,
+            retry_deadline=method.retry_deadline,
+            retry_unavailable=method.retry_unavailable,
+        )
         while True:
             try:
                 answer = rpc(request, timeout=attempts.timeout(), metadata=md)
