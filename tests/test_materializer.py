@@ -131,6 +131,22 @@ async def test_expired_key_is_free_again(pool: AsyncConnectionPool) -> None:
     assert found is not None and found.run_id == new.run_id
 
 
+async def test_a_key_expiring_at_the_epoch_is_expired_not_everlasting(
+    pool: AsyncConnectionPool,
+) -> None:
+    # Set, at 0: long past, as the buffer reads it; never a NULL ("no expiry").
+    for method in ("copy", "unnest"):
+        key = f"k_epoch_{method}"
+        runs = [snap(idempotency_key=key), snap(idempotency_key=f"{key}_2")]
+        for s in runs:
+            s.idempotency_key_expires_at.SetInParent()
+        await materialize_batch(pool, [Entry.from_snapshot(s) for s in runs], method=method)
+        assert await read_run_by_idempotency_key(pool, "env_a", "task-1", key) is None
+        one = snap(idempotency_key=key)
+        one.idempotency_key_expires_at.SetInParent()
+        assert (await materialize_one(pool, Entry.from_snapshot(one))).outcome is Outcome.CREATED
+
+
 async def test_rejected_row_becomes_system_failure(pool: AsyncConnectionPool) -> None:
     # Valid JSON to Python (and to the sidecar's validation) but jsonb refuses
     # \u0000: an honest non-retryable error from Postgres itself.

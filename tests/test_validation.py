@@ -313,3 +313,11 @@ async def test_invalid_argument_status_carries_bad_request(app: App) -> None:
     bad = error_details_pb2.BadRequest()
     assert any(d.Unpack(bad) for d in details)
     assert [v.field for v in bad.field_violations] == ["snapshot.tags[0]"]
+
+
+def test_metadata_nested_deeper_than_the_parser_is_a_field_violation() -> None:
+    from mollifier.validation import Violations
+
+    v = Violations()
+    v.json_document("snapshot.metadata", b"[" * 100_000 + b"]" * 100_000, 1 << 20)
+    assert v.items == [("snapshot.metadata", "is nested too deeply")]

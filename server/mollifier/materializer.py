@@ -218,8 +218,9 @@ def row_values(entry: Entry, *, now: int | None = None, error: str = "") -> tupl
     else:
         status = STATUS_PENDING
     has_key = bool(s.idempotency_key)
+    # An expiry at the epoch itself is long past, not "none" (0 reads as none).
     expires_ms = (
-        ms_from_ts(s.idempotency_key_expires_at)
+        max(1, ms_from_ts(s.idempotency_key_expires_at))
         if has_key and s.HasField("idempotency_key_expires_at")
         else 0
     )
@@ -396,7 +397,7 @@ def _copy_rows(entries: Sequence[Entry], now: int, *, escape: bool) -> tuple[str
         if key:
             keyed = True
             expires_ms = (
-                ms_from_ts(s.idempotency_key_expires_at)
+                max(1, ms_from_ts(s.idempotency_key_expires_at))
                 if s.HasField("idempotency_key_expires_at")
                 else 0
             )

@@ -140,6 +140,10 @@ class Violations:
         except (ValueError, UnicodeDecodeError):
             self.add(field, "must be a JSON document (UTF-8, no NaN or Infinity)")
             return
+        except RecursionError:
+            # Deeper than the parser goes (about a thousand levels).
+            self.add(field, "is nested too deeply")
+            return
         if not _jsonb_safe(doc):
             # Postgres jsonb refuses these; the run could never be materialized.
             self.add(field, "must not contain \\u0000 or unpaired surrogate escapes")
