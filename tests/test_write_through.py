@@ -274,3 +274,28 @@ async def test_a_run_id_of_another_env_is_refused(app: App, database_url: str) -
         await trigger(app, clash)
     assert len(await rows(database_url, "env_one")) == 1
     assert await rows(database_url, "env_two") == []
+
+
+async def test_a_caller_gone_mid_write_keeps_the_key_bound(app: App, database_url: str) -> None:
+    """A direct write whose caller is gone (cancelled) may still commit, and
+    the caller fails open and writes the run itself with the same id: the
+    key stays bound to that run, so another trigger with it is a duplicate."""
+    req = request(idempotency_key="k-gone")
+    locker = await psycopg.AsyncConnection.connect(database_url)
+    async with locker, locker.transaction():
+        # Every insert into the table waits until this transaction ends.
+        await locker.execute("LOCK TABLE mollifier.runs IN ACCESS EXCLUSIVE MODE")
+        call = asyncio.create_task(trigger(app, req))
+        await asyncio.sleep(0.3)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    k = env_keys("env_w")
+    assert await app.redis.get(k.idem("task-w", "k-gone")) == req.snapshot.run_id.encode()
+    other = request(idempotency_key="k-gone")
+    answer = await trigger(app, other)
+    assert answer.duplicate and answer.run_id == req.snapshot.run_id
+    # The caller's own retry (same run id) is no duplicate: it writes the run.
+    again = await trigger(app, req)
+    assert not again.duplicate
+    assert [r[0] for r in await rows(database_url)] == [req.snapshot.run_id]

@@ -402,10 +402,13 @@ class Gate:
         materializer; a retryable failure (or no answer within
         MOLLIFIER_DIRECT_WRITE_TIMEOUT_MS) buffers the run instead.
 
-        When trigger.lua bound the key to this run and the call ends with the
-        run neither written nor buffered (an error, or the caller gone), the
-        binding is dropped again, so the key is not held by a run that never
-        came to be.
+        When trigger.lua bound the key to this run and the call fails with the
+        run neither written nor buffered, the binding is dropped again, so the
+        key is not held by a run that never came to be. Not when the caller is
+        gone (cancelled, its deadline passed): the insert may still commit, and
+        a caller that gives up fails open and creates the run itself with this
+        run id, as does its retry; dropping the binding then would let another
+        trigger with the key make a second run.
         """
         if not bound:
             return await self._write_direct_once(outcome, snap, bound=False)
@@ -417,6 +420,9 @@ class Gate:
         except MollifierError as exc:
             # A SYSTEM_FAILURE row was kept with the key: it holds the key.
             settled = exc.reason == "POSTGRES_REJECTED"
+            raise
+        except asyncio.CancelledError:
+            settled = True  # outcome unknown: the binding stays (see above)
             raise
         finally:
             if not settled:
