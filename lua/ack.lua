@@ -27,12 +27,18 @@
     ARGV[7] alias key prefix, mf:{env}:alias: — a run resolved to another run
             leaves an alias to it (for ARGV[4] ms), so reading the run the
             caller was given still answers, with the run it became
+    ARGV[8] optional: the failed zset, mf:{env}:failed. Then the runs are
+            dead-lettered ones (state F, in that set) whose rows the drain
+            found in Postgres, and ARGV[3] is ignored: a holder that committed
+            them died before its ack on their last attempt. (A key, not
+            KEYS[2], so that the common call names one key; same hash slot.)
 
   Output: { acked, {rejected run ids} }
 ]]
 local rcall = redis.call
 local leaseKey = KEYS[1]
 local prefix, idemPrefix, token, idemTtl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local failedKey = ARGV[8]
 
 local resolvedOf = {}
 local pending = nil
@@ -53,7 +59,13 @@ for runId in string.gmatch(ARGV[5] or "", "%S+") do
   local resolved = resolvedOf[runId] or ""
   local runKey = prefix .. runId
   local f = rcall("HMGET", runKey, "st", "lt", "ik")
-  if f[1] == "D" and f[2] == token and not isDone[runId] then
+  local held
+  if failedKey then
+    held = f[1] == "F" and rcall("ZSCORE", failedKey, runId) ~= false
+  else
+    held = f[1] == "D" and f[2] == token
+  end
+  if held and not isDone[runId] then
     isDone[runId] = true
     if resolved ~= "" and resolved ~= runId and ARGV[7] then
       rcall("SET", ARGV[7] .. runId, resolved, "PX", idemTtl)
@@ -82,6 +94,6 @@ end
 for i = 1, #done, 500 do
   local j = math.min(i + 499, #done)
   rcall("DEL", unpack(doneKeys, i, j))
-  rcall("ZREM", leaseKey, unpack(done, i, j))
+  rcall("ZREM", failedKey or leaseKey, unpack(done, i, j))
 end
 return { acked, rejected }

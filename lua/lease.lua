@@ -35,11 +35,15 @@
     ARGV[5] max attempts: an expired lease at this many attempts is dead-lettered
     ARGV[6] most expired / due runs moved back per call (bounds the script's work)
 
-  Output: { nowMs, deadlineMs, reclaimed, deadLettered, entries }
+  Output: { nowMs, deadlineMs, reclaimed, deadLettered, entries, expiredOut }
     entries: one flat list, 7 values per run in queue order:
     runId, s, ca, at, cx, cr, le (`at` already counting this lease; a field
     that is not set is returned as false, i.e. nil). Flat and only what a
     holder needs: the reply is built and parsed once per run, not per table.
+    expiredOut: the ids dead-lettered because their lease expired on their
+    last attempt. The holder may have committed their rows and died before
+    its ack: the drain looks them up in Postgres and settles those it finds
+    (ack.lua with ARGV[8]).
 ]]
 local rcall = redis.call
 local queueKey, leaseKey, retryKey, failedKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -54,6 +58,7 @@ local deadline = now + leaseMs
 -- Formatted once: as a number it would be converted for every run's ZADD.
 local deadlineText = string.format("%d", deadline)
 local reclaimed, deadLettered = 0, 0
+local expiredOut = {}
 
 -- A damaged hash (a field it cannot be drained without is missing) goes to
 -- the failed set with the reason, like a run out of attempts.
@@ -80,6 +85,7 @@ for _, runId in ipairs(expired) do
       rcall("HSET", runKey, "st", "F", "le", "lease expired after " .. (f[2] or "0") .. " attempts")
       rcall("ZADD", failedKey, now, runId)
       deadLettered = deadLettered + 1
+      expiredOut[#expiredOut + 1] = runId
     else
       rcall("HSET", runKey, "st", "Q")
       rcall("ZADD", queueKey, f[1], runId)
@@ -138,4 +144,4 @@ if want > 0 then
     end
   end
 end
-return { now, deadline, reclaimed, deadLettered, entries }
+return { now, deadline, reclaimed, deadLettered, entries, expiredOut }

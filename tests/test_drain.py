@@ -653,3 +653,32 @@ async def test_a_hash_missing_what_the_drain_needs_is_dead_lettered_not_dropped(
         assert await app.redis.hget(k.run(run_id), "st") == b"F"
     await d.retry_failed("env_hole", [no_place.run_id])
     assert await app.redis.zscore(k.failed, no_place.run_id) is not None
+
+
+async def test_a_run_committed_on_its_last_attempt_before_a_crash_is_not_left_failed(
+    app: App,
+) -> None:
+    """The holder committed the run's row on its last attempt and died before
+    its ack: when the lease runs out the run is not listed as failed while it
+    exists; it leaves the buffer as the ack would have taken it."""
+    s = snap("env_last", "org_last")
+    await fill(app, [s])
+    d = drainer(app, drain_max_attempts=1, drain_lease_ms=200)
+    batch = await d.lease_env("env_last", 10, 200, "tok-dead")
+    assert [r.run_id for r in batch.runs] == [s.run_id]
+    assert app.pool is not None
+    await materialize_batch(app.pool, [Entry.from_snapshot(s)])  # committed, never acked
+    await asyncio.sleep(0.3)
+    await drain_until_empty(d)
+    k = env_keys("env_last")
+    assert await app.redis.zcard(k.failed) == 0
+    assert not await app.redis.exists(k.run(s.run_id))
+    got = await app.buffer.get_run("env_last", s.run_id)
+    assert got.source == run_pb2.RUN_SOURCE_POSTGRES
+    # One out of attempts without a row stays dead-lettered.
+    lost = snap("env_last", "org_last")
+    await fill(app, [lost])
+    await d.lease_env("env_last", 10, 200, "tok-dead-2")
+    await asyncio.sleep(0.3)
+    await drain_until_empty(d)
+    assert [m.decode() for m in await app.redis.zrange(k.failed, 0, -1)] == [lost.run_id]

@@ -49,6 +49,7 @@ from .materializer import (
     Outcome,
     describe_error,
     is_retryable,
+    rows_of,
     write_batch,
 )
 from .scripts import Scripts
@@ -111,6 +112,9 @@ class LeasedBatch:
     flat: list[Any] = field(default_factory=list)
     reclaimed: int = 0
     dead_lettered: int = 0
+    # Dead-lettered by this lease call because their lease expired on their
+    # last attempt (see Drainer._settle_written).
+    expired_out: list[str] = field(default_factory=list)
     _runs: list[LeasedRun] | None = None
 
     @property
@@ -601,14 +605,23 @@ class Drainer:
         mono = time.monotonic()
         batch = LeasedBatch(env_id, token, int(r[1]), int(r[0]), mono, r[4])
         batch.reclaimed, batch.dead_lettered = int(r[2]), int(r[3])
+        batch.expired_out = [as_text(x) for x in r[5]]
         self.dead_lettered_total += batch.dead_lettered
         self.failed_total += batch.dead_lettered
         return batch
 
     async def ack_env(
-        self, env_id: str, token: str, runs: Sequence[tuple[str, str]]
+        self,
+        env_id: str,
+        token: str,
+        runs: Sequence[tuple[str, str]],
+        *,
+        from_failed: bool = False,
     ) -> tuple[int, list[str]]:
-        """Ack (run id, resolved-to run id or "") pairs; returns (acked, rejected)."""
+        """Ack (run id, resolved-to run id or "") pairs; returns (acked, rejected).
+
+        With ``from_failed`` the runs are dead-lettered ones, not leased ones.
+        """
         if not runs:
             return 0, []
         k = env_keys(env_id)
@@ -616,8 +629,31 @@ class Drainer:
         resolved = " ".join([f"{run_id} {to}" for run_id, to in runs if to])
         args: list[Any] = [k.run_prefix, k.idem_prefix, token, self.settings.idempotency_ttl_ms]
         args += (ids, resolved, k.alias_prefix)
+        if from_failed:
+            args.append(k.failed)
         r = await self.scripts.ack(self.redis, [k.lease], args)
         return int(r[0]), [as_text(x) for x in r[1]]
+
+    async def _settle_written(self, env_id: str, run_ids: Sequence[str]) -> None:
+        """Runs dead-lettered because their lease ran out on their last attempt
+        may have been committed by a holder that died before its ack: those
+        that are rows leave the buffer as an ack would have taken them, instead
+        of being listed as failed while they exist. Best effort: the rest stay
+        dead-lettered, and RetryFailed settles any of them too (as EXISTS)."""
+        if self.pool is None:
+            return
+        try:
+            written = await rows_of(self.pool, env_id, run_ids)
+            if written:
+                acked, _ = await self.ack_env(
+                    env_id, "", [(r, "") for r in run_ids if r in written], from_failed=True
+                )
+                log.info(
+                    "dead-lettered runs already in Postgres settled",
+                    extra={"env_id": env_id, "runs": acked},
+                )
+        except Exception:
+            log.exception("settling dead-lettered runs failed", extra={"env_id": env_id})
 
     async def nack_env(
         self,
@@ -685,6 +721,8 @@ class Drainer:
                 size = self.settings.drain_batch_size
                 await self.rate.take(size)
                 batch = await self.lease_env(env_id, size, self.settings.drain_lease_ms, token)
+                if batch.expired_out:
+                    await self._settle_written(env_id, batch.expired_out)
                 leased = batch.size
                 self.rate.refund(size - leased)
                 if not leased:

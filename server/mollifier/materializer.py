@@ -484,6 +484,13 @@ Conn = psycopg.AsyncConnection[Any]
 CommitCheck = Callable[[], bool]
 
 
+async def rows_of(pool: AsyncConnectionPool, env_id: str, run_ids: Sequence[str]) -> set[str]:
+    """Which of the env's ``run_ids`` are rows already."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(_EXISTING_SQL, (list(run_ids),))
+        return {run_id for run_id, env in await cur.fetchall() if env == env_id}
+
+
 async def _release_expired(conn: Conn, entries: Sequence[Entry]) -> None:
     keyed = [e.snapshot for e in entries if e.snapshot.idempotency_key]
     if keyed:
