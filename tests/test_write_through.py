@@ -299,3 +299,23 @@ async def test_a_caller_gone_mid_write_keeps_the_key_bound(app: App, database_ur
     again = await trigger(app, req)
     assert not again.duplicate
     assert [r[0] for r in await rows(database_url)] == [req.snapshot.run_id]
+
+
+async def test_a_retry_under_another_key_does_not_bind_that_key(
+    app: App, database_url: str
+) -> None:
+    """The same run id sent again with another idempotency key: the answer is
+    the written run (a duplicate), and the other key stays free."""
+    first = request(idempotency_key="k-own")
+    assert not (await trigger(app, first)).duplicate
+    retry = request(idempotency_key="k-other")
+    retry.snapshot.run_id = first.snapshot.run_id
+    answer = await trigger(app, retry)
+    assert answer.duplicate and answer.run_id == first.snapshot.run_id
+    k = env_keys("env_w")
+    assert await app.redis.get(k.idem("task-w", "k-other")) is None
+    fresh = request(idempotency_key="k-other")
+    assert not (await trigger(app, fresh)).duplicate
+    assert sorted(r[0] for r in await rows(database_url)) == sorted(
+        [first.snapshot.run_id, fresh.snapshot.run_id]
+    )

@@ -479,6 +479,20 @@ class Gate:
                 [snap.run_id, holder],
             )
         existing = await m.read_run(pool, snap.env_id, holder)
+        if (
+            bound
+            and holder == snap.run_id
+            and existing is not None
+            and existing.snapshot.idempotency_key != snap.idempotency_key
+        ):
+            # A retry of a written run under another key: the row keeps its
+            # own key, so this one must not stay bound to it.
+            k = env_keys(snap.env_id)
+            await self.scripts.rebind(
+                self.redis,
+                [k.idem(snap.task_identifier, snap.idempotency_key)],
+                [snap.run_id, ""],
+            )
         if existing is None:
             existing = run_pb2.Run(
                 run_id=holder, env_id=snap.env_id, source=run_pb2.RUN_SOURCE_POSTGRES
