@@ -14,6 +14,7 @@ key. Intermediate objects are made as needed by SET, APPEND and INCREMENT.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,10 @@ def _parse_path(v: Violations, field: str, path: str) -> tuple[str, ...]:
     segments = tuple(text.split("."))
     if any(not s for s in segments):
         v.add(field, "must be dotted keys such as a.b.c (no empty segment)")
+        return ()
+    if any(c in path for c in "[]\"'"):
+        # A JSONPath index or quoted key would otherwise become a key of its own.
+        v.add(field, "must be dotted keys such as a.b.c (array items as a.0, no [ ] or quotes)")
         return ()
     if len(segments) > MAX_SEGMENTS:
         v.add(field, f"must have at most {MAX_SEGMENTS} segments")
@@ -114,6 +119,29 @@ def parse_document(v: Violations, field: str, text: str | bytes) -> dict[str, An
         v.add(field, "must be a JSON object")
         return None
     return doc
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON values: true is not 1, 1 is 1.0 (one JSON number)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if _is_number(a) and _is_number(b):
+        return bool(a == b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    return type(a) is type(b) and bool(a == b)
+
+
+# Python's own limit on the digits of an int it turns into text (json.dumps).
+_MAX_DIGITS = 4000
+
+
+def _representable(number: Any) -> bool:
+    if isinstance(number, float):
+        return math.isfinite(number)
+    return bool(abs(number) < 10**_MAX_DIGITS)
 
 
 def _bad(op: MetadataOp, why: str) -> InvalidArgument:
@@ -175,7 +203,7 @@ def apply_operations(doc: dict[str, Any], ops: Sequence[MetadataOp]) -> dict[str
             container = _parent(out, op, create=False)
             found, current = _step(container, last)
             if found and isinstance(current, list):
-                current[:] = [x for x in current if x != op.value]
+                current[:] = [x for x in current if not _same_json(x, op.value)]
             continue
         container = _parent(out, op, create=True)
         found, current = _step(container, last)
@@ -193,7 +221,12 @@ def apply_operations(doc: dict[str, Any], ops: Sequence[MetadataOp]) -> dict[str
             if not found or current is None:
                 _put(container, last, op.value, op)
             elif _is_number(current):
-                _put(container, last, current + op.value, op)
+                total = current + op.value
+                if not _representable(total):
+                    raise InvalidArgument(
+                        [(f"{op.field}.value_json", "makes a number JSON cannot hold")]
+                    )
+                _put(container, last, total, op)
             else:
                 raise _bad(op, "holds a value that is not a number")
     return out
