@@ -448,6 +448,23 @@ async def test_parent_and_root_operations_go_to_parent_and_root(app: App) -> Non
     ]
 
 
+async def test_a_part_that_cannot_apply_changes_nothing(app: App) -> None:
+    """The parent's part fails (its value is not a number): the run's own part,
+    which could apply, is not applied either, so a retry is not a second one."""
+    env, m = "env_tree_fail", app.mutations
+    parent = await put(app, env)
+    await m.update_metadata(env, parent, rid(), operations=[op(SET, "x", "text")])
+    child = await put(app, env, parent_run_id=parent)
+    for _ in range(2):
+        with pytest.raises(InvalidArgument) as e:
+            await m.update_metadata(
+                env, child, rid(), operations=[inc("n")], parent_operations=[inc("x")]
+            )
+        assert [f for f, _ in e.value.violations] == ["parent_operations[0].path"]
+    assert not (await app.buffer.get_run(env, child)).snapshot.metadata
+    assert json.loads((await app.buffer.get_run(env, parent)).snapshot.metadata) == {"x": "text"}
+
+
 # -- ResetIdempotencyKey and ReplayRun -----------------------------------------
 
 

@@ -119,6 +119,34 @@ def _int(value: Any) -> int:
         return 0
 
 
+def _new_metadata(
+    run_id: str,
+    current: bytes,
+    replace: dict[str, Any] | None,
+    ops: Sequence[MetadataOp],
+    max_bytes: int,
+) -> bytes:
+    """The run's metadata after the operations (on ``replace`` when given);
+    raises when they cannot apply or the result is too large."""
+    if replace is not None:
+        doc: dict[str, Any] = replace
+    else:
+        v = Violations()
+        found = parse_document(v, "metadata", current)
+        if found is None:
+            raise FailedPrecondition(
+                f"run {run_id} has metadata that is not a JSON object",
+                reason="METADATA_NOT_OBJECT",
+            )
+        doc = found
+    result = apply_operations(doc, ops)
+    text = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
+    v = Violations()
+    v.json_document("metadata", text, max_bytes)
+    v.raise_if_any()
+    return text.encode()
+
+
 def _dt(ms: int) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC) if ms else None
 
@@ -613,16 +641,27 @@ class Mutations:
             plan.setdefault(parent_id, []).extend(parent)
         if root_operations:
             plan.setdefault(root_id, []).extend(root)
+        runs = {run_id: run}
         for target_id, what in ((parent_id, "parent"), (root_id, "root")):
-            if (
-                target_id in plan
-                and target_id != run_id
-                and await self.buffer.find_run(env_id, target_id) is None
-            ):
-                raise NotFound(
-                    f"the {what} run {target_id} not found in env {env_id}",
-                    reason=f"{what.upper()}_RUN_NOT_FOUND",
-                )
+            if target_id in plan and target_id not in runs:
+                found = await self.buffer.find_run(env_id, target_id)
+                if found is None:
+                    raise NotFound(
+                        f"the {what} run {target_id} not found in env {env_id}",
+                        reason=f"{what.upper()}_RUN_NOT_FOUND",
+                    )
+                runs[target_id] = found
+        # Every part is tried on the documents as they are before any is
+        # applied: an operation that cannot apply to the parent (say) fails
+        # the call with nothing changed, not after the run's own part landed.
+        for target_id, ops in plan.items():
+            _new_metadata(
+                target_id,
+                runs[target_id].snapshot.metadata,
+                replace if target_id == run_id else None,
+                ops,
+                self.limits.max_metadata_bytes,
+            )
         results: dict[str, mutate_pb2.MetadataResult] = {}
         for n, (target_id, ops) in enumerate(plan.items()):
             results[target_id] = await self._metadata_part(
@@ -652,25 +691,10 @@ class Mutations:
 
         def change(run: run_pb2.Run, now: int) -> bool:
             s = run.snapshot
-            if replace is not None:
-                doc: dict[str, Any] = replace
-            else:
-                v = Violations()
-                found = parse_document(v, "metadata", s.metadata)
-                if found is None:
-                    raise FailedPrecondition(
-                        f"run {run_id} has metadata that is not a JSON object",
-                        reason="METADATA_NOT_OBJECT",
-                    )
-                doc = found
-            result = apply_operations(doc, ops)
-            text = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
-            v = Violations()
-            v.json_document("metadata", text, max_bytes)
-            v.raise_if_any()
-            if s.metadata and text.encode() == s.metadata:
+            text = _new_metadata(run_id, s.metadata, replace, ops, max_bytes)
+            if s.metadata and text == s.metadata:
                 return False
-            s.metadata = text.encode()
+            s.metadata = text
             s.metadata_type = s.metadata_type or "application/json"
             return True
 
