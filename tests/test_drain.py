@@ -14,10 +14,10 @@ from mollifier.buffer import RESULT_ACCEPTED
 from mollifier.codec import now_ms, ts_from_ms
 from mollifier.config import Settings
 from mollifier.drainer import Drainer
-from mollifier.errors import InvalidArgument
+from mollifier.errors import FailedPrecondition, InvalidArgument
 from mollifier.keys import DRAIN_PAUSED, INDEX_ORGS, env_keys, org_envs_key
 from mollifier.materializer import Entry, materialize_batch
-from mollifier_client.v1 import drain_pb2, run_pb2
+from mollifier_client.v1 import drain_pb2, mutate_pb2, run_pb2
 
 _ids = itertools.count(1)
 
@@ -178,6 +178,24 @@ async def test_non_retryable_error_writes_system_failure(app: App) -> None:
     assert run.status == run_pb2.RUN_STATUS_SYSTEM_FAILURE and "23514" in run.last_error
     assert list(run.snapshot.tags) == ["t", "poison"]  # rebuilt from the snapshot
     assert await buffered(app, "env_bad") == 0
+    # It is the record of a run never created: tags and metadata changes are
+    # refused, not answered and then never seen.
+    with pytest.raises(FailedPrecondition) as err:
+        await app.mutations.add_tags("env_bad", bad.run_id, "req-sf-1", ["more"])
+    assert err.value.reason == "RUN_SYSTEM_FAILURE"
+    with pytest.raises(FailedPrecondition):
+        await app.mutations.update_metadata(
+            "env_bad",
+            bad.run_id,
+            "req-sf-2",
+            operations=[
+                mutate_pb2.MetadataOperation(
+                    type=mutate_pb2.METADATA_OPERATION_TYPE_SET, path="k", value_json="1"
+                )
+            ],
+        )
+    again = await app.buffer.get_run("env_bad", bad.run_id)
+    assert list(again.snapshot.tags) == ["t", "poison"] and not again.snapshot.metadata
 
 
 async def test_cancelled_and_batch_fields_carried(app: App) -> None:

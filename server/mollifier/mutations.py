@@ -119,6 +119,18 @@ def _int(value: Any) -> int:
         return 0
 
 
+def _refuse_failed_row(run: run_pb2.Run) -> None:
+    """A SYSTEM_FAILURE row is the record of a run Postgres refused: it is read
+    from the snapshot it was refused with, so a change to its columns would be
+    answered and never seen."""
+    if run.status == run_pb2.RUN_STATUS_SYSTEM_FAILURE:
+        raise FailedPrecondition(
+            f"run {run.run_id} was never created (SYSTEM_FAILURE): it cannot be changed",
+            reason="RUN_SYSTEM_FAILURE",
+            metadata={"run_id": run.run_id},
+        )
+
+
 def _new_metadata(
     run_id: str,
     current: bytes,
@@ -577,6 +589,7 @@ class Mutations:
         limit = self.limits.max_tags
 
         def change(run: run_pb2.Run, now: int) -> bool:
+            _refuse_failed_row(run)
             current = list(run.snapshot.tags)
             merged = list(dict.fromkeys([*current, *wanted]))
             if len(merged) > limit:
@@ -655,6 +668,7 @@ class Mutations:
         # applied: an operation that cannot apply to the parent (say) fails
         # the call with nothing changed, not after the run's own part landed.
         for target_id, ops in plan.items():
+            _refuse_failed_row(runs[target_id])
             _new_metadata(
                 target_id,
                 runs[target_id].snapshot.metadata,
@@ -690,6 +704,7 @@ class Mutations:
         max_bytes = self.limits.max_metadata_bytes
 
         def change(run: run_pb2.Run, now: int) -> bool:
+            _refuse_failed_row(run)
             s = run.snapshot
             text = _new_metadata(run_id, s.metadata, replace, ops, max_bytes)
             if s.metadata and text == s.metadata:
