@@ -175,7 +175,7 @@ async def test_trigger_lua_buffers_only_on_mollify(app: App, redis_client: aiore
     )
     assert (int(r[0]), int(r[1]), int(r[5]), r[6]) == (3, 7, 1, b"run_b")
     entry = await redis_client.hgetall(k.run("run_b"))
-    assert entry[b"st"] == b"Q" and entry[b"org"] == b"o" and int(entry[b"v"]) == 1
+    assert entry[b"st"] == b"Q" and entry[b"org"] == b"o" and int(entry[b"v"]) == int(entry[b"sc"])
     assert int(entry[b"ca"]) == int(r[7])
     assert await redis_client.zscore(k.queue, "run_b") == float(entry[b"sc"])
 

@@ -465,6 +465,33 @@ async def test_a_part_that_cannot_apply_changes_nothing(app: App) -> None:
     assert json.loads((await app.buffer.get_run(env, parent)).snapshot.metadata) == {"x": "text"}
 
 
+async def test_a_run_buffered_again_after_its_drain_is_not_changed_blindly(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between a change's read and its compare-and-set the run is drained and
+    accepted again under its id (a retried Accept): the new entry must not
+    take a change computed for the old one, which the drain would then drop
+    (the row exists); the change goes to the row."""
+    env, m = "env_aba", app.mutations
+    s = snap(env)
+    await app.buffer.accept(s)
+    real = app.scripts.mutate
+    fired: list[bool] = []
+
+    async def drained_in_between(client: Any, keys: Any, args: Any) -> Any:
+        if not fired:
+            fired.append(True)
+            await drain_all(app)
+            await app.buffer.accept(s)
+        return await real(client, keys, args)
+
+    monkeypatch.setattr(app.scripts, "mutate", drained_in_between)
+    answer = await m.add_tags(env, s.run_id, rid(), ["important"])
+    assert "important" in answer.tags
+    await drain_all(app)
+    assert "important" in (await row(app, s.run_id))["tags"]
+
+
 # -- ResetIdempotencyKey and ReplayRun -----------------------------------------
 
 

@@ -11,7 +11,10 @@
     at  materialization attempts  le   last error
     lt  lease token (state D; the deadline is its score in the lease zset)
     cx  cancelled at (ms)         cr   cancel reason
-    v   version, raised by every change to the entry (compare-and-set)
+    v   version, raised by every change to the entry (compare-and-set); it
+        starts at the arrival score, not at 1, so an entry made again for the
+        same run id (a retried Accept after the run was drained) never meets a
+        version read from the earlier one
 
   Accept results: 1 ACCEPTED, 2 DUPLICATE_RUN_ID, 3 DUPLICATE_IDEMPOTENCY_KEY,
   4 FULL (over the env's capacity, or the caller says the whole buffer is);
@@ -71,7 +74,7 @@ local function accept_entry(k, a, now)
     -- An expiry already past binds nothing: the key is free again.
   end
   rcall("HSET", k.run, "s", a.snapshot, "st", "Q", "sc", score, "ca", now, "org", a.orgId,
-    "du", a.delayUntil, "ik", boundKey, "at", 0, "v", 1)
+    "du", a.delayUntil, "ik", boundKey, "at", 0, "v", score)
   rcall("ZADD", k.queue, score, a.runId)
   return { RESULT_ACCEPTED, a.runId, now, {} }
 end

@@ -5,9 +5,12 @@ The rule, for one run:
 1. Read the buffered entry (its state and version ``v``), then look for the
    row in ``mollifier.runs`` (scoped by env and run id). The buffer is read
    FIRST so its version pins the moment: a row can only be written by a lease
-   holder, and every lease raises ``v``, so when the entry was queued at
-   version v, no row existed when Postgres was asked, and the compare-and-set
-   below still finds v, then no row can exist (or appear) for that snapshot.
+   holder, and a leased entry (state D) leaves that state only deleted (ack)
+   or through a reclaim or nack, which raise ``v``; so when the entry was
+   queued at version v, no row existed when Postgres was asked, and the
+   compare-and-set below still finds v, then no row can exist (or appear) for
+   that snapshot. Versions start at the entry's arrival score, so an entry
+   made again for the same run id cannot pass for the one that was read.
 2. A row exists: change it in one Postgres transaction (``SELECT ... FOR
    UPDATE``, compute, ``UPDATE``), keeping the answer under the request id in
    the same transaction.
