@@ -19,6 +19,7 @@ from mollifier.codec import now_ms, ts_from_ms
 from mollifier.config import Settings
 from mollifier.drainer import Drainer
 from mollifier.errors import (
+    AlreadyExists,
     DamagedEntry,
     FailedPrecondition,
     InvalidArgument,
@@ -555,6 +556,17 @@ async def test_replay_makes_a_new_run_once(app: App) -> None:
     assert new.source == run_pb2.RUN_SOURCE_POSTGRES
     replayed_from_row = await m.replay(env, old, rid(), new_run_id="run_replay_x")
     assert replayed_from_row.run.run_id == "run_replay_x"
+    # The same new_run_id under another request id: this replay again, fine.
+    again = await m.replay(env, old, rid(), new_run_id="run_replay_x")
+    assert again.run.run_id == "run_replay_x"
+    # A new_run_id naming another run (buffered or a row) makes no replay.
+    other = await put(app, env, payload=b'{"other":true}')
+    with pytest.raises(AlreadyExists) as err:
+        await m.replay(env, old, rid(), new_run_id=other)
+    assert err.value.reason == "RUN_ID_TAKEN"
+    await drain_all(app)
+    with pytest.raises(AlreadyExists):
+        await m.replay(env, old, rid(), new_run_id=other)
 
 
 # -- through gRPC ---------------------------------------------------------------

@@ -60,7 +60,14 @@ from psycopg_pool import AsyncConnectionPool
 from .buffer import Buffer
 from .codec import ENTRY_FIELDS, as_text, entry_to_run, ms_from_ts, now_ms, ts_from_ms
 from .config import Settings
-from .errors import DamagedEntry, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from .errors import (
+    AlreadyExists,
+    DamagedEntry,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from .gate import Gate
 from .keys import env_keys
 from .materializer import _READ_COLS, _row_to_run
@@ -120,6 +127,19 @@ def _int(value: Any) -> int:
         return int(value) if value not in (None, b"", "") else 0
     except ValueError:
         return 0
+
+
+def _same_replay(run: run_pb2.Run | None, snap: run_pb2.RunSnapshot) -> bool:
+    """Whether an existing run is one made from this replay's snapshot."""
+    if run is None or not run.HasField("snapshot"):
+        return False
+    made = run.snapshot
+    return (
+        made.task_identifier == snap.task_identifier
+        and made.payload == snap.payload
+        and made.payload_type == snap.payload_type
+        and not made.idempotency_key
+    )
 
 
 def _refuse_failed_row(run: run_pb2.Run) -> None:
@@ -903,6 +923,15 @@ class Mutations:
         )
         result = await self.gate.trigger(req, snap)
         run = result.run
+        if new_run_id and result.duplicate and not _same_replay(run, snap):
+            # The id names another run: answering with it would say a replay
+            # was made when none was. (An id derived from the request id, or
+            # a run made from this same snapshot, is this replay tried again.)
+            raise AlreadyExists(
+                f"new_run_id {new_run_id} is already another run",
+                reason="RUN_ID_TAKEN",
+                metadata={"run_id": new_run_id},
+            )
         if run is None:
             # Not buffered and not written by the gate (no write-through):
             # buffer it, so the drainer creates it; never answer with no run.
