@@ -361,6 +361,22 @@ async def test_a_retried_request_id_is_applied_once(app: App) -> None:
         await m.add_tags(env, run, pg_req, ["t"])
     assert e.value.violations[0][0] == "request_id"
 
+    # The same kind of call with the same request id on another run: refused,
+    # not answered with the first run's answer (and the other run unchanged).
+    tag_req = rid()
+    await m.add_tags(env, run, tag_req, ["mine"])
+    other = await put(app, env)
+    for call in (
+        lambda: m.add_tags(env, other, tag_req, ["theirs"]),
+        lambda: m.cancel(env, other, "cancel-1", "r"),
+    ):
+        with pytest.raises(InvalidArgument) as e:
+            await call()
+        assert e.value.violations[0][0] == "request_id"
+    untouched = await app.buffer.get_run(env, other)
+    assert list(untouched.snapshot.tags) == []
+    assert untouched.status == run_pb2.RUN_STATUS_QUEUED
+
 
 # -- isolation, damage, routing ------------------------------------------------
 

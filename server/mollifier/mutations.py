@@ -194,11 +194,21 @@ def _pack(kind: str, message: Message) -> bytes:
     return kind.encode() + b":" + message.SerializeToString()
 
 
+def _call_kind(kind: str, *target: str) -> str:
+    """What an answer is kept under besides its request id: the kind of call
+    and what it changed, so a request id reused for another run (or another
+    key) is refused rather than answered with the first call's answer."""
+    digest = hashlib.sha256("\0".join(target).encode()).hexdigest()[:16]
+    return f"{kind}/{digest}"
+
+
 def _unpack(kind: str, raw: bytes, cls: type[R]) -> R:
-    """The kept answer; a request id reused for another kind of call is refused."""
+    """The kept answer; a request id reused for another call is refused."""
     stored_kind, _, body = bytes(raw).partition(b":")
     if stored_kind.decode(errors="replace") != kind:
-        raise InvalidArgument([("request_id", "was already used for another kind of call")])
+        raise InvalidArgument(
+            [("request_id", "was already used for another call (another kind, run or key)")]
+        )
     try:
         return cls.FromString(body)
     except DecodeError:
@@ -425,6 +435,7 @@ class Mutations:
         cls: type[R],
     ) -> R:
         """Apply ``change`` to the run wherever it is; see the module docstring."""
+        kind = _call_kind(kind, run_id)
         kept = await self._kept(env_id, request_id, kind, cls)
         if kept is not None:
             return kept
@@ -664,7 +675,8 @@ class Mutations:
         parent = parse_operations(v, "parent_operations", parent_operations)
         root = parse_operations(v, "root_operations", root_operations)
         v.raise_if_any()
-        kept = await self._kept(env_id, request_id, "metadata", mutate_pb2.UpdateMetadataResponse)
+        whole = _call_kind("metadata", run_id)
+        kept = await self._kept(env_id, request_id, whole, mutate_pb2.UpdateMetadataResponse)
         if kept is not None:
             return kept
         run = await self.buffer.find_run(env_id, run_id)
@@ -713,7 +725,7 @@ class Mutations:
             resp.parent.CopyFrom(results[parent_id])
         if root_operations:
             resp.root.CopyFrom(results[root_id])
-        await self._keep(env_id, request_id, "metadata", resp)
+        await self._keep(env_id, request_id, whole, resp)
         return resp
 
     async def _metadata_part(
@@ -766,7 +778,8 @@ class Mutations:
         v.idempotency_key("idempotency_key", idempotency_key)
         v.raise_if_any()
         cls = mutate_pb2.ResetIdempotencyKeyResponse
-        kept = await self._kept(env_id, request_id, "reset", cls)
+        kind = _call_kind("reset", task_identifier, idempotency_key)
+        kept = await self._kept(env_id, request_id, kind, cls)
         if kept is not None:
             return kept
         if self.pool is None:
@@ -776,11 +789,11 @@ class Mutations:
             if not buffer_reset:
                 raise NotFound("the key is not bound", reason="IDEMPOTENCY_KEY_NOT_FOUND")
             resp = cls(reset_in_buffer=True, run_id=bound)
-            await self._keep(env_id, request_id, "reset", resp)
+            await self._keep(env_id, request_id, kind, resp)
             return resp
         async with self.pool.connection() as conn, conn.transaction():
             # Taken first, so a concurrent copy of this call waits for our answer.
-            kept = await self._claim_pg(conn, env_id, request_id, "reset", cls)
+            kept = await self._claim_pg(conn, env_id, request_id, kind, cls)
             if kept is not None:
                 return kept
             redis_down: BaseException | None = None
@@ -817,7 +830,7 @@ class Mutations:
                 reset_in_postgres=bool(rows),
                 run_id=bound or (rows[0][0] if rows else ""),
             )
-            answer = _pack("reset", resp)
+            answer = _pack(kind, resp)
             await self._store_pg(conn, env_id, request_id, answer)
         await self._copy_to_redis(env_id, request_id, answer)
         return resp
@@ -893,7 +906,8 @@ class Mutations:
             v.add("new_run_id", "must differ from run_id")
         v.raise_if_any()
         cls = mutate_pb2.ReplayRunResponse
-        kept = await self._kept(env_id, request_id, "replay", cls)
+        kind = _call_kind("replay", run_id, new_run_id)
+        kept = await self._kept(env_id, request_id, kind, cls)
         if kept is not None:
             return kept
         old = await self.buffer.find_run(env_id, run_id)
@@ -940,5 +954,5 @@ class Mutations:
             raise Unavailable("the replayed run was not created", reason="REPLAY_NOT_CREATED")
         target = BUFFER if run.source == run_pb2.RUN_SOURCE_BUFFER else POSTGRES
         resp = cls(run=run, applied_to=target)
-        await self._keep(env_id, request_id, "replay", resp)
+        await self._keep(env_id, request_id, kind, resp)
         return resp
