@@ -672,3 +672,27 @@ async def test_kept_answers_are_pruned_after_the_retry_window(app: App) -> None:
             "SELECT request_id FROM mollifier.mutation_requests WHERE env_id = %s", (env,)
         )
         assert len(await cur.fetchall()) == 1
+
+
+async def test_buffer_only_traffic_prunes_kept_answers_too(app: App) -> None:
+    """UpdateMetadata keeps its whole answer in Postgres even when its change
+    landed in the buffer: that path prunes too, from the first call on."""
+    env, m = "env_prune_buf", app.mutations
+    assert app.pool is not None
+    async with app.pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO mollifier.mutation_requests (env_id, request_id, kind, response, "
+            "created_at) VALUES (%s, 'old', 'tags/x', '', now() - interval '3 days')",
+            (env,),
+        )
+    run_id = await put(app, env)  # buffered: the change lands in Redis
+    await m.update_metadata(env, run_id, rid(), operations=[inc("n")])
+    for _ in range(200):
+        async with app.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT 1 FROM mollifier.mutation_requests WHERE request_id = 'old'"
+            )
+            if await cur.fetchone() is None:
+                return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the old answer was not pruned")

@@ -245,7 +245,7 @@ class Mutations:
         self.buffer = buffer
         self.gate = gate
         self.limits = Limits.from_settings(settings)
-        self._pruned_at = time.monotonic()
+        self._pruned_at = -PRUNE_EVERY_S  # the first change after a start prunes
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- kept answers ----------------------------------------------------------
@@ -352,6 +352,7 @@ class Mutations:
         await self._copy_to_redis(env_id, request_id, answer)
         if self.pool is None:
             return
+        self._maybe_prune()  # this too adds rows, also when no change lands in Postgres
         try:
             async with self.pool.connection() as conn:
                 await conn.execute(
