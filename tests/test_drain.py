@@ -669,6 +669,12 @@ async def test_a_hash_missing_what_the_drain_needs_is_dead_lettered_not_dropped(
     assert failed == {no_snapshot.run_id, no_place.run_id}
     for run_id in failed:
         assert await app.redis.hget(k.run(run_id), "st") == b"F"
+    listed, _ = await d.list_failed("env_hole")
+    assert {r.run_id: r.status for r in listed} == {
+        no_snapshot.run_id: run_pb2.RUN_STATUS_FAILED,
+        no_place.run_id: run_pb2.RUN_STATUS_FAILED,
+    }
+    assert all(r.last_error for r in listed)
     await d.retry_failed("env_hole", [no_place.run_id])
     assert await app.redis.zscore(k.failed, no_place.run_id) is not None
 

@@ -994,10 +994,22 @@ class Drainer:
         views = await pipe.execute() if page else []
         runs: list[run_pb2.Run] = []
         for (run_id, _), view in zip(page, views, strict=True):
-            if view[0] is None:
-                continue
-            with contextlib.suppress(DamagedEntry):
+            if view[1] is None:
+                continue  # no entry left: a reference to nothing
+            try:
                 runs.append(entry_to_run(env_id, run_id, view))
+            except DamagedEntry as exc:
+                # Dead-lettered because it is damaged (no snapshot, say): listed
+                # with what is known, so it can be found and dealt with.
+                runs.append(
+                    run_pb2.Run(
+                        run_id=run_id,
+                        env_id=env_id,
+                        source=run_pb2.RUN_SOURCE_BUFFER,
+                        status=run_pb2.RUN_STATUS_FAILED,
+                        last_error=as_text(view[4]) or exc.message,
+                    )
+                )
         token = ""
         if len(found) > size and page:
             last_id, last_score = page[-1]
