@@ -706,3 +706,14 @@ async def test_a_run_committed_on_its_last_attempt_before_a_crash_is_not_left_fa
     await asyncio.sleep(0.3)
     await drain_until_empty(d)
     assert [m.decode() for m in await app.redis.zrange(k.failed, 0, -1)] == [lost.run_id]
+
+
+async def test_close_returns_while_the_depth_refresh_is_busy(settings: Settings) -> None:
+    """A cancel landing inside a redis-py command can be swallowed there; the
+    background loops end on the app's stop event too, and close waits for them
+    a bounded time, so a shutdown never hangs on them."""
+    a = await App.connect(settings.replace(drain_enabled=False), start_background=True)
+    await a.redis.sadd(INDEX_ORGS, *[f"org_many_{i}" for i in range(20_000)])
+    await asyncio.sleep(0.3)  # the refresh now walks 20,000 orgs, one call each
+    await asyncio.wait_for(a.close(grace=1), 15)
+    assert all(t.done() for t in a._tasks) or not a._tasks

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -209,6 +210,38 @@ async def test_sigterm_goes_not_serving_then_exits_zero(redis_server: RedisProce
         assert proc.stderr is not None
         logs = (await proc.stderr.read()).decode()
     assert "shutting down" in logs
+
+
+async def test_a_port_in_use_exits_at_once_with_one_line(redis_server: RedisProcess) -> None:
+    """Start-up that fails after the stores are connected stops what it started
+    and exits, instead of waiting on loops a swallowed cancel left running."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MOLLIFIER_")}
+        env |= {"MOLLIFIER_LISTEN": f"127.0.0.1:{port}", "MOLLIFIER_REDIS_URL": redis_server.url}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mollifier",
+            "serve",
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            code = await asyncio.wait_for(proc.wait(), 60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert code == 1
+    assert proc.stderr is not None
+    lines = (await proc.stderr.read()).decode().splitlines()
+    assert f"mollifier: cannot listen on 127.0.0.1:{port} (MOLLIFIER_LISTEN)" in lines[-1]
+    assert not any("Traceback" in line for line in lines)
 
 
 async def test_redis_safety_check_warns_or_refuses(

@@ -70,6 +70,7 @@ class App:
         self.drainer = Drainer(settings, redis, scripts, pool)
         self.mutations = Mutations(settings, redis, scripts, pool, self.buffer, self.gate)
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
 
     @classmethod
     async def connect(cls, settings: Settings, *, start_background: bool = True) -> App:
@@ -102,7 +103,9 @@ class App:
 
     async def start_background(self) -> None:
         """Start the background loops (total-depth refresh, drainer)."""
-        self._tasks.append(asyncio.create_task(self.buffer.refresh_total_loop()))
+        self._tasks.append(
+            asyncio.create_task(self.buffer.refresh_total_loop(stop=self._stopping))
+        )
         # With remote_key set the loop runs in the drain process instead.
         if self.drainer.enabled and self.drainer.remote_key is None:
             self.drainer.start()
@@ -113,11 +116,16 @@ class App:
             grace = self.settings.shutdown_grace_ms / 1000
         with contextlib.suppress(Exception):
             await self.drainer.stop(grace)
+        self._stopping.set()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            # Bounded: a cancel swallowed inside a Redis command must not hold
+            # the process (the loops also end on _stopping).
+            done, _ = await asyncio.wait(self._tasks, timeout=max(grace, 1.0))
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved, so asyncio does not log it
         self._tasks.clear()
         with contextlib.suppress(Exception):
             await self.gate.aclose()

@@ -318,10 +318,20 @@ class Buffer:
             await self.redis.set(STATS_TOTAL_DEPTH, total, px=60_000)
         return total
 
-    async def refresh_total_loop(self, interval: float = 1.0) -> None:
-        while True:
+    async def refresh_total_loop(
+        self, interval: float = 1.0, stop: asyncio.Event | None = None
+    ) -> None:
+        """Refresh every ``interval`` seconds until ``stop`` is set.
+
+        Ended by the event, not only by a cancel: a cancel that lands inside a
+        redis-py command can be swallowed there, and a loop that only a cancel
+        ends would then run on and hold up the shutdown that waits for it.
+        """
+        stop = stop or asyncio.Event()
+        while not stop.is_set():
             try:
                 await self.refresh_total()
             except Exception as exc:  # keep the last answer; Redis may be back soon
                 log.debug("total depth refresh failed: %s", exc)
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)

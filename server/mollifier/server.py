@@ -243,10 +243,16 @@ async def start_server(
         generic,
     )
     creds = _credentials(settings)
-    if creds is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, creds)
+    try:
+        if creds is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, creds)
+    except RuntimeError as exc:
+        raise StartupError(
+            f"cannot listen on {address} (MOLLIFIER_LISTEN): in use, or not an address "
+            "of this host"
+        ) from exc
     host, _ = _split_listen(address)
     await server.start()
     sidecar = Sidecar(server, health_servicer, host, port)
