@@ -230,8 +230,9 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         if not settings.redis_url:
             # AOF on: dev data survives a restart and the safety check stays quiet.
             redis = RedisProcess(data_dir / "redis", appendonly=True)
-            redis.start()
+            # Registered first: an interrupt during the start stops it too.
             stoppers.append(redis.stop)
+            redis.start()
             overrides["redis_url"] = redis.url
         if not settings.database_url:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -241,8 +242,8 @@ def _cmd_dev(args: argparse.Namespace) -> int:
                 pg_folder.parent.mkdir(parents=True, exist_ok=True)
                 pg_folder.parent.chmod(0o755)
             pg = PostgresProcess(pg_folder)
-            pg.start()
             stoppers.append(pg.stop)
+            pg.start()
             overrides["database_url"] = pg.url
         settings = settings.replace(**overrides)
         print(f"redis:    {settings.redacted()['redis_url']}", flush=True)

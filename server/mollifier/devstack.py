@@ -77,6 +77,9 @@ class RedisProcess:
     def start(self, timeout: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = self.data_dir / "redis.log"
+        pidfile = self.data_dir / "redis.pid"
+        # Two servers on one append-only folder would both write it.
+        _stop_leftover(pidfile, b"redis-server", signal.SIGTERM, timeout)
         args = [
             shutil.which("redis-server") or "redis-server",
             "--bind", "127.0.0.1",
@@ -89,6 +92,7 @@ class RedisProcess:
             # default: keep such hashes compact (listpack), half the memory.
             "--hash-max-listpack-value", "1024",
             "--logfile", str(log),
+            "--pidfile", str(pidfile),
             "--daemonize", "no",
             *self.extra_args,
         ]  # fmt: skip
@@ -127,6 +131,27 @@ class RedisProcess:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def _stop_leftover(pidfile: Path, marker: bytes, sig: int, timeout: float) -> None:
+    """Stop the server named by ``pidfile`` when it still runs (its command
+    line holding ``marker``): one a killed owner left behind on this folder."""
+    try:
+        pid = int(pidfile.read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return  # no pid file, or its process is gone
+    if marker not in cmdline:
+        return  # the pid now belongs to something else
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
 
 
 class PostgresProcess:
@@ -172,6 +197,11 @@ class PostgresProcess:
         )  # fmt: skip
 
     def start(self, timeout: float = 30.0) -> None:
+        # A postmaster left running on this cluster (whoever started it was
+        # killed) holds its lock: stop it (fast shutdown) rather than fail.
+        _stop_leftover(
+            self.pgdata / "postmaster.pid", str(self.pgdata).encode(), signal.SIGINT, timeout
+        )
         self.init()
         self._own()
         log = self.root / "postgres.log"
