@@ -688,7 +688,11 @@ async def test_evaluate_batch_per_env_call_matches_evaluates_in_a_row(
     """One script call per env decides its inputs exactly as Evaluates in a
     row would: the same answers and window counts, and the same gate state."""
     batch_a, batch_b, single_a, single_b = (new_env() for _ in range(4))
-    async with open_app(redis_url, trip_threshold=3, trip_hold_ms=60_000) as app:
+    # A day's window: a bucket boundary between the batch and the singles
+    # would decay one side's counts.
+    async with open_app(
+        redis_url, trip_threshold=3, trip_hold_ms=60_000, trip_window_ms=86_400_000
+    ) as app:
         order = [batch_a, batch_b, batch_a, batch_a, batch_b, batch_a, batch_a]
         outs = await app.gate.evaluate_batch([evaluate_request(e) for e in order])
         singles = {batch_a: single_a, batch_b: single_b}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from mollifier.config import Settings
@@ -140,12 +141,15 @@ async def test_bad_input_is_invalid_argument_naming_the_field(stubs: Stubs) -> N
 
 async def test_env_state_and_policy_over_grpc(stubs: Stubs) -> None:
     env = new_env()
-    policy = gate_pb2.EnvPolicy(threshold=7)
+    # An hour's window: the count read back cannot have decayed into the next
+    # bucket between the two calls (with the default second it could).
+    policy = gate_pb2.EnvPolicy(threshold=7, window=duration_pb2.Duration(seconds=3600))
     set_resp = await stubs.gate.SetEnvPolicy(
         gate_pb2.SetEnvPolicyRequest(env_id=env, policy=policy)
     )
     assert set_resp.effective_policy.threshold == 7
-    await stubs.gate.Evaluate(evaluate_request(env))
+    decided = await stubs.gate.Evaluate(evaluate_request(env), timeout=10)
+    assert decided.reason != gate_pb2.DECISION_REASON_FAIL_OPEN
     state = await stubs.gate.GetEnvState(gate_pb2.GetEnvStateRequest(env_id=env))
     assert (state.env_id, state.window_count, state.threshold) == (env, 1, 7)
     assert state.overrides.threshold == 7
