@@ -51,6 +51,22 @@ async def grpcurl(*args: str) -> tuple[int, str, str]:
     return proc.returncode or 0, out.decode(), err.decode()
 
 
+async def start_serve(settings: dict[str, str]) -> asyncio.subprocess.Process:
+    """`mollifier serve` in its own process with these MOLLIFIER_* settings only;
+    its stderr is piped."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOLLIFIER_")}
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mollifier",
+        "serve",
+        env=env | settings,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 EVALUATE_BODY = {
     "env_id": "env_a",
     "org_id": "org_a",
@@ -160,21 +176,12 @@ async def test_bearer_token_required_except_for_health(secured: Sidecar) -> None
 async def test_sigterm_goes_not_serving_then_exits_zero(redis_server: RedisProcess) -> None:
     port = free_port()
     grace_ms = 3000
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOLLIFIER_")}
-    env |= {
-        "MOLLIFIER_LISTEN": f"127.0.0.1:{port}",
-        "MOLLIFIER_REDIS_URL": redis_server.url,
-        "MOLLIFIER_SHUTDOWN_GRACE_MS": str(grace_ms),
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mollifier",
-        "serve",
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+    proc = await start_serve(
+        {
+            "MOLLIFIER_LISTEN": f"127.0.0.1:{port}",
+            "MOLLIFIER_REDIS_URL": redis_server.url,
+            "MOLLIFIER_SHUTDOWN_GRACE_MS": str(grace_ms),
+        }
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -219,17 +226,8 @@ async def test_a_port_in_use_exits_at_once_with_one_line(redis_server: RedisProc
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MOLLIFIER_")}
-        env |= {"MOLLIFIER_LISTEN": f"127.0.0.1:{port}", "MOLLIFIER_REDIS_URL": redis_server.url}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "mollifier",
-            "serve",
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+        proc = await start_serve(
+            {"MOLLIFIER_LISTEN": f"127.0.0.1:{port}", "MOLLIFIER_REDIS_URL": redis_server.url}
         )
         try:
             code = await asyncio.wait_for(proc.wait(), 60)

@@ -18,10 +18,14 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from mollifier_client._errors import MollifierError
+from mollifier_client._errors import CancelledError, MollifierError
+
+if TYPE_CHECKING:
+    from mollifier_client._methods import Method
 
 __all__ = ["RetryPolicy"]
 
@@ -62,6 +66,22 @@ _MIN_ATTEMPT = 0.005
 
 class Attempts:
     """The attempts of one call: per-attempt timeouts and pauses between them."""
+
+    @classmethod
+    def of(
+        cls, method: Method[Any, Any], policy: RetryPolicy, timeout: float | None, *, closed: bool
+    ) -> Attempts:
+        """The attempts of a call of ``method``; raises when the client is closed
+        (a MollifierError, not gRPC's own ValueError or UsageError, so the
+        fail-open helpers pass through as for any unreachable sidecar)."""
+        if closed:
+            raise CancelledError("the client is closed", reason="CLIENT_CLOSED")
+        return cls(
+            policy,
+            timeout,
+            retry_deadline=method.retry_deadline,
+            retry_unavailable=method.retry_unavailable,
+        )
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ from mollifier_client._channel import (
     channel_credentials,
     channel_options,
 )
-from mollifier_client._errors import CancelledError, MollifierError, error_from_rpc
+from mollifier_client._errors import MollifierError, error_from_rpc
 from mollifier_client._retry import NO_RETRY, Attempts, RetryPolicy
 from mollifier_client._trigger import fail_open_evaluate, fail_open_trigger, fills_open
 from mollifier_client.v1 import buffer_pb2, drain_pb2, gate_pb2, mutate_pb2
@@ -176,16 +176,7 @@ class Client:
         rpc = getattr(self._stubs[method.service], method.name)
         md = self._metadata + tuple(metadata or ())
         budget = self._default_timeout if timeout is None else timeout
-        if self._closed:
-            # Not gRPC's own ValueError / UsageError: the fail-open helpers
-            # pass through on a MollifierError, as for any unreachable sidecar.
-            raise CancelledError("the client is closed", reason="CLIENT_CLOSED")
-        attempts = Attempts(
-            policy,
-            budget,
-            retry_deadline=method.retry_deadline,
-            retry_unavailable=method.retry_unavailable,
-        )
+        attempts = Attempts.of(method, policy, budget, closed=self._closed)
         while True:
             try:
                 answer = rpc(request, timeout=attempts.timeout(), metadata=md)
