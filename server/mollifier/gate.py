@@ -426,15 +426,16 @@ class Gate:
             raise
         finally:
             if not settled:
-                k = env_keys(snap.env_id)
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(
-                        self.scripts.rebind(
-                            self.redis,
-                            [k.idem(snap.task_identifier, snap.idempotency_key)],
-                            [snap.run_id, ""],
-                        )
-                    )
+                    await asyncio.shield(self._rebind(snap, ""))
+
+    async def _rebind(self, snap: run_pb2.RunSnapshot, holder: str) -> None:
+        """Point the snapshot's key, where it is bound to this run, at ``holder``
+        (rebind.lua); "" drops the binding."""
+        k = env_keys(snap.env_id)
+        await self.scripts.rebind(
+            self.redis, [k.idem(snap.task_identifier, snap.idempotency_key)], [snap.run_id, holder]
+        )
 
     async def _write_direct_once(
         self, outcome: Outcome, snap: run_pb2.RunSnapshot, *, bound: bool
@@ -472,12 +473,7 @@ class Gate:
         if holder != snap.run_id and bound:
             # The key was held in Postgres by an older run whose Redis binding
             # had lapsed: point the binding at the run that really holds it.
-            k = env_keys(snap.env_id)
-            await self.scripts.rebind(
-                self.redis,
-                [k.idem(snap.task_identifier, snap.idempotency_key)],
-                [snap.run_id, holder],
-            )
+            await self._rebind(snap, holder)
         existing = await m.read_run(pool, snap.env_id, holder)
         if (
             bound
@@ -487,12 +483,7 @@ class Gate:
         ):
             # A retry of a written run under another key: the row keeps its
             # own key, so this one must not stay bound to it.
-            k = env_keys(snap.env_id)
-            await self.scripts.rebind(
-                self.redis,
-                [k.idem(snap.task_identifier, snap.idempotency_key)],
-                [snap.run_id, ""],
-            )
+            await self._rebind(snap, "")
         if existing is None:
             existing = run_pb2.Run(
                 run_id=holder, env_id=snap.env_id, source=run_pb2.RUN_SOURCE_POSTGRES
