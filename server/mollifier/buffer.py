@@ -17,7 +17,7 @@ from typing import Any
 from mollifier_client.v1 import buffer_pb2, run_pb2
 from psycopg_pool import AsyncConnectionPool
 
-from .codec import ENTRY_FIELDS, entry_to_run, ms_from_ts, new_run_id, ts_from_ms
+from .codec import ENTRY_FIELDS, entry_to_run, key_expires_ms, ms_from_ts, new_run_id, ts_from_ms
 from .config import Settings
 from .errors import NotFound, ResourceExhausted
 from .keys import INDEX_ORGS, STATS_TOTAL_DEPTH, env_keys, org_envs_key
@@ -119,13 +119,9 @@ class Buffer:
             idem_key = k.idem(snap.task_identifier, snap.idempotency_key)
         else:
             idem, idem_key = "", k.idem_prefix
-        # 0 tells the script "no expiry", so an expiry set at the epoch itself
-        # (long past) must not read as 0: it binds nothing, like any past expiry.
-        expires = (
-            max(1, ms_from_ts(snap.idempotency_key_expires_at))
-            if snap.HasField("idempotency_key_expires_at")
-            else 0
-        )
+        # 0 tells the script "no expiry"; one at the epoch binds nothing, like
+        # any past expiry.
+        expires = key_expires_ms(snap)
         delay = ms_from_ts(snap.delay_until) if snap.HasField("delay_until") else 0
         keys = [k.queue, k.lease, k.retry, k.failed, k.env, k.run(snap.run_id), idem_key]
         args: list[Any] = [

@@ -17,6 +17,7 @@ __all__ = [
     "as_text",
     "decode_snapshot",
     "entry_to_run",
+    "key_expires_ms",
     "ms_from_ts",
     "new_run_id",
     "now_ms",
@@ -49,6 +50,14 @@ def ms_from_ts(ts: timestamp_pb2.Timestamp) -> int:
     if ts.seconds == 0 and ts.nanos == 0:
         return 0
     return ts.seconds * 1000 + ts.nanos // 1_000_000
+
+
+def key_expires_ms(snap: run_pb2.RunSnapshot) -> int:
+    """When the snapshot's idempotency key expires (ms); 0 for never. An expiry
+    set at the epoch itself is long past, not "never": at least 1."""
+    if not snap.HasField("idempotency_key_expires_at"):
+        return 0
+    return max(1, ms_from_ts(snap.idempotency_key_expires_at))
 
 
 def as_text(value: object) -> str:

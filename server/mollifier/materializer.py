@@ -31,7 +31,7 @@ from google.protobuf.message import DecodeError
 from mollifier_client.v1 import run_pb2
 from psycopg_pool import AsyncConnectionPool
 
-from .codec import ms_from_ts, now_ms, ts_from_ms
+from .codec import key_expires_ms, ms_from_ts, now_ms, ts_from_ms
 
 __all__ = [
     "RETRYABLE_SQLSTATES",
@@ -218,12 +218,7 @@ def row_values(entry: Entry, *, now: int | None = None, error: str = "") -> tupl
     else:
         status = STATUS_PENDING
     has_key = bool(s.idempotency_key)
-    # An expiry at the epoch itself is long past, not "none" (0 reads as none).
-    expires_ms = (
-        max(1, ms_from_ts(s.idempotency_key_expires_at))
-        if has_key and s.HasField("idempotency_key_expires_at")
-        else 0
-    )
+    expires_ms = key_expires_ms(s) if has_key else 0
     metadata = None if error or not s.metadata else s.metadata.decode("utf-8", "replace")
     extra = "{}" if error or not s.extra else json.dumps(dict(s.extra))
     return (
@@ -396,11 +391,7 @@ def _copy_rows(entries: Sequence[Entry], now: int, *, escape: bool) -> tuple[str
          extra_t, cancel_reason) = texts  # fmt: skip
         if key:
             keyed = True
-            expires_ms = (
-                max(1, ms_from_ts(s.idempotency_key_expires_at))
-                if s.HasField("idempotency_key_expires_at")
-                else 0
-            )
+            expires_ms = key_expires_ms(s)
         else:
             expires_ms = 0
         canceled_ms = entry.canceled_ms
@@ -740,12 +731,11 @@ def _free_expired_twins(entries: Sequence[Entry]) -> Sequence[Entry]:
     out = list(entries)
     for i, e in enumerate(entries):
         s = e.snapshot
-        if not s.idempotency_key or not s.HasField("idempotency_key_expires_at"):
+        expires = key_expires_ms(s) if s.idempotency_key else 0
+        if not expires:
             continue
         later = newest[(s.env_id, s.task_identifier, s.idempotency_key)]
-        if later == i:
-            continue
-        if ms_from_ts(s.idempotency_key_expires_at) <= entries[later].accepted_ms:
+        if later != i and expires <= entries[later].accepted_ms:
             freed = run_pb2.RunSnapshot()
             freed.CopyFrom(s)
             freed.ClearField("idempotency_key")
