@@ -60,10 +60,11 @@ local deadlineText = string.format("%d", deadline)
 local reclaimed, deadLettered = 0, 0
 local expiredOut = {}
 
--- A damaged hash (a field it cannot be drained without is missing) goes to
--- the failed set with the reason, like a run out of attempts.
-local function dead_letter_damaged(runKey, runId, reason)
-  rcall("HDEL", runKey, "lt")
+-- To the failed set with the reason: a run out of attempts, or a damaged
+-- hash (a field it cannot be drained without is missing). `ld` is no longer
+-- written; cleared for entries leased before that.
+local function dead_letter(runKey, runId, reason)
+  rcall("HDEL", runKey, "lt", "ld")
   rcall("HSET", runKey, "st", "F", "le", reason)
   rcall("HINCRBY", runKey, "v", 1)
   rcall("ZADD", failedKey, now, runId)
@@ -77,21 +78,16 @@ for _, runId in ipairs(expired) do
   rcall("ZREM", leaseKey, runId)
   local f = rcall("HMGET", runKey, "sc", "at")
   if not f[1] and rcall("EXISTS", runKey) == 1 then
-    dead_letter_damaged(runKey, runId, "buffered run has no queue place (sc)")
+    dead_letter(runKey, runId, "buffered run has no queue place (sc)")
+  elseif f[1] and (tonumber(f[2]) or 0) >= maxAttempts then
+    dead_letter(runKey, runId, "lease expired after " .. (f[2] or "0") .. " attempts")
+    expiredOut[#expiredOut + 1] = runId
   elseif f[1] then
-    -- `ld` is no longer written; cleared for entries leased before that.
     rcall("HDEL", runKey, "lt", "ld")
-    if (tonumber(f[2]) or 0) >= maxAttempts then
-      rcall("HSET", runKey, "st", "F", "le", "lease expired after " .. (f[2] or "0") .. " attempts")
-      rcall("ZADD", failedKey, now, runId)
-      deadLettered = deadLettered + 1
-      expiredOut[#expiredOut + 1] = runId
-    else
-      rcall("HSET", runKey, "st", "Q")
-      rcall("ZADD", queueKey, f[1], runId)
-      reclaimed = reclaimed + 1
-    end
+    rcall("HSET", runKey, "st", "Q")
     rcall("HINCRBY", runKey, "v", 1)
+    rcall("ZADD", queueKey, f[1], runId)
+    reclaimed = reclaimed + 1
   end
 end
 
@@ -103,7 +99,7 @@ for _, runId in ipairs(due) do
   if sc then
     rcall("ZADD", queueKey, sc, runId)
   elseif rcall("EXISTS", prefix .. runId) == 1 then
-    dead_letter_damaged(prefix .. runId, runId, "buffered run has no queue place (sc)")
+    dead_letter(prefix .. runId, runId, "buffered run has no queue place (sc)")
   end
 end
 
@@ -122,7 +118,7 @@ if want > 0 then
       -- leased. A hash without its snapshot can never be written: it is
       -- dead-lettered, kept and readable, rather than left in no set.
       if not f[1] and rcall("EXISTS", runKey) == 1 then
-        dead_letter_damaged(runKey, runId, "buffered run has no snapshot")
+        dead_letter(runKey, runId, "buffered run has no snapshot")
       elseif f[1] then
         local at = (tonumber(f[3]) or 0) + 1
         rcall("HSET", runKey, "st", "D", "lt", token, "at", at)
