@@ -133,14 +133,24 @@ class RedisProcess:
         self.start()
 
 
+def _read_pid(pidfile: Path) -> int | None:
+    """The pid on the first line of a server's pid file; None when there is none."""
+    try:
+        return int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _stop_leftover(pidfile: Path, marker: bytes, sig: int, timeout: float) -> None:
     """Stop the server named by ``pidfile`` when it still runs (its command
     line holding ``marker``): one a killed owner left behind on this folder."""
+    pid = _read_pid(pidfile)
+    if pid is None:
+        return
     try:
-        pid = int(pidfile.read_text().split()[0])
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError, IndexError):
-        return  # no pid file, or its process is gone
+    except OSError:
+        return  # its process is gone
     if marker not in cmdline:
         return  # the pid now belongs to something else
     with contextlib.suppress(ProcessLookupError):
@@ -241,10 +251,8 @@ class PostgresProcess:
 
     def _signal(self, sig: int) -> None:
         # runuser forwards nothing useful; signal the postmaster by its pid file.
-        pidfile = self.pgdata / "postmaster.pid"
-        try:
-            pid = int(pidfile.read_text().split()[0])
-        except (FileNotFoundError, ValueError, IndexError):
+        pid = _read_pid(self.pgdata / "postmaster.pid")
+        if pid is None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
