@@ -39,7 +39,7 @@ from google.protobuf import duration_pb2
 from mollifier_client.v1 import drain_pb2, run_pb2
 from psycopg_pool import AsyncConnectionPool
 
-from .codec import as_text, decode_snapshot, entry_to_run, now_ms, ts_from_ms
+from .codec import ENTRY_FIELDS, as_text, decode_snapshot, entry_to_run, now_ms, ts_from_ms
 from .config import Settings
 from .errors import DamagedEntry
 from .keys import DRAIN_PAUSED, INDEX_ORGS, env_keys, org_envs_key
@@ -990,7 +990,7 @@ class Drainer:
         page = found[:size]
         pipe = self.redis.pipeline(transaction=False)
         for run_id, _ in page:
-            pipe.hmget(k.run(run_id), ["s", "st", "ca", "at", "le", "cx", "cr", "du", "v"])
+            pipe.hmget(k.run(run_id), list(ENTRY_FIELDS))
         views = await pipe.execute() if page else []
         runs: list[run_pb2.Run] = []
         for (run_id, _), view in zip(page, views, strict=True):
