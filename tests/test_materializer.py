@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from mollifier.codec import now_ms, ts_from_ms
@@ -197,6 +198,23 @@ EXTRA = {"k\t1": "v\nw", 'quote"d': "back\\slash"}
 AWKWARD = "tab\there, new\nline, back\\slash, \"quote\", 'single', {brace}, [x], é, 日本, \\N"
 
 
+def awkward_snap(run_id: str, key: str, **fields: Any) -> run_pb2.RunSnapshot:
+    """A snapshot whose free text holds every character COPY treats specially."""
+    s = snap(
+        run_id=run_id,
+        payload=bytes(range(256)),
+        payload_type=AWKWARD[:200],
+        queue=AWKWARD[:50],
+        idempotency_key=key,
+        **fields,
+    )
+    del s.tags[:]
+    s.tags.extend(TAGS)
+    s.extra.clear()
+    s.extra.update(EXTRA)
+    return s
+
+
 async def test_copy_and_insert_write_awkward_text_identically(
     pool: AsyncConnectionPool,
 ) -> None:
@@ -204,20 +222,12 @@ async def test_copy_and_insert_write_awkward_text_identically(
     the one-row INSERT stores, for every character COPY treats specially."""
 
     def awkward(run_id: str) -> run_pb2.RunSnapshot:
-        s = snap(
-            run_id=run_id,
-            payload=bytes(range(256)),
-            payload_type=AWKWARD[:200],
+        return awkward_snap(
+            run_id,
+            AWKWARD,
             metadata=json.dumps({"k": AWKWARD, "n": [1, 2.5, None, True]}).encode(),
-            queue=AWKWARD[:50],
             concurrency_key="",
-            idempotency_key=AWKWARD,
         )
-        del s.tags[:]
-        s.tags.extend(TAGS)
-        s.extra.clear()
-        s.extra.update(EXTRA)
-        return s
 
     copied = awkward("run_awk_copy")
     inserted = awkward("run_awk_insert")
@@ -255,20 +265,9 @@ async def test_copy_batch_writes_awkward_text_like_the_one_row_insert(
     them, and the plain ones as they are."""
 
     def awkward(run_id: str, key: str) -> run_pb2.RunSnapshot:
-        s = snap(
-            run_id=run_id,
-            payload=bytes(range(256)),
-            payload_type=AWKWARD[:200],
-            metadata=json.dumps({"k": AWKWARD}).encode(),
-            queue=AWKWARD[:50],
-            trace_id="t\\r",
-            idempotency_key=key,
+        return awkward_snap(
+            run_id, key, metadata=json.dumps({"k": AWKWARD}).encode(), trace_id="t\\r"
         )
-        del s.tags[:]
-        s.tags.extend(TAGS)
-        s.extra.clear()
-        s.extra.update(EXTRA)
-        return s
 
     now = now_ms()
     plain = [snap(run_id=f"run_plain_{i}") for i in range(3)]
