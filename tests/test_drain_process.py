@@ -18,14 +18,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mollifier.app import App
 from mollifier.config import Settings
 from mollifier.devstack import free_port
-from mollifier.keys import DRAIN_COUNTERS_PREFIX
+from mollifier.keys import DRAIN_COUNTERS_PREFIX, WRITE_SLOTS
 from mollifier.supervisor import DRAIN_COMMAND, WORKER_COMMAND
-from mollifier_client.v1 import drain_pb2, drain_pb2_grpc, gate_pb2, gate_pb2_grpc
+from mollifier_client.v1 import drain_pb2, drain_pb2_grpc, gate_pb2, gate_pb2_grpc, run_pb2
 
 from tests.fault_helpers import accept_all, buffer_depth, count_rows, snapshots
 
@@ -235,6 +236,77 @@ async def test_killed_drain_process_is_restarted_and_the_buffer_drains(
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 20) == 0
     finally:
+        logs = stop(proc)
+        await app.close(grace=1)
+    assert "child process exited unexpectedly; restarting" in logs
+
+
+async def test_a_killed_drain_process_s_slots_lapse_and_nothing_is_lost(
+    settings: Settings,
+) -> None:
+    """SIGKILL while every drain batch holds a write slot (Postgres's runs table
+    locked, so they wait mid-write): the dead holder's slots block writers only
+    until their lease runs out, the restarted drain process never holds more
+    than the budget beside them, and every run lands once."""
+    app = await App.connect(settings, start_background=False)  # also migrates
+    port = free_port()
+    locker = await psycopg.AsyncConnection.connect(settings.database_url)
+    await locker.execute("LOCK TABLE mollifier.runs IN ACCESS EXCLUSIVE MODE")
+    # Buffered before the drain starts, so its first tick finds every env.
+    await accept_all(app, snapshots(400, "z", ENVS))
+    # Two slots: two batches of the four envs' are sure to be waiting at once.
+    proc = start_serve(settings, port, MOLLIFIER_WRITE_SLOTS="2")
+    most_held = 0
+    try:
+        await wait_serving(port, proc)
+        first = children_running(proc.pid, DRAIN_COMMAND)
+
+        async def all_held() -> bool:
+            return int(await app.redis.zcard(WRITE_SLOTS)) == 2
+
+        await wait_until(all_held, 20, "the drain's batches to hold every slot")
+        os.kill(first[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        # Meanwhile a write-through run finds no slot it may take: buffered.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            gate = gate_pb2_grpc.GateServiceStub(channel)
+            out = await gate.Trigger(
+                gate_pb2.TriggerRequest(
+                    env_id="env_px",  # no backlog of its own
+                    org_id="org_p",
+                    task_identifier="task-p",
+                    org_feature_flags={"mollifierEnabled": True},
+                    snapshot=run_pb2.RunSnapshot(run_id="run_p_busy", payload=b"{}"),
+                    write_through=True,
+                ),
+                timeout=10,
+            )
+        assert out.reason == gate_pb2.DECISION_REASON_POSTGRES_BUSY
+        assert out.run.source == run_pb2.RUN_SOURCE_BUFFER
+
+        async def restarted_and_lapsed() -> bool:
+            nonlocal most_held
+            most_held = max(most_held, int(await app.redis.zcard(WRITE_SLOTS)))
+            now = children_running(proc.pid, DRAIN_COMMAND)
+            return bool(now) and now[0] != first[0] and time.monotonic() - killed_at > 6
+
+        # Past DRAIN_SLOT_LEASE_MS: the dead process's slots are gone, the new
+        # one's batches hold them (still waiting on the lock).
+        await wait_until(restarted_and_lapsed, 30, "the restart and the slots' lapse")
+        assert int(await app.redis.zcard(WRITE_SLOTS)) <= 2
+        await locker.rollback()
+
+        async def drained() -> bool:
+            nonlocal most_held
+            most_held = max(most_held, int(await app.redis.zcard(WRITE_SLOTS)))
+            return await buffer_depth(app.redis, [*ENVS, "env_px"]) == 0
+
+        await wait_until(drained, 60, "the restarted drain process to empty the buffer")
+        assert count_rows(settings.database_url) == 401
+        assert most_held <= 2
+    finally:
+        await locker.close()
         logs = stop(proc)
         await app.close(grace=1)
     assert "child process exited unexpectedly; restarting" in logs

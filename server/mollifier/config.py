@@ -102,7 +102,15 @@ class Settings:
         "Where buffered runs go: `postgres` (built-in drainer) or `external` (Lease/Ack only).",
     )
     drain_concurrency: int = _setting(
-        4, "Batches written to Postgres at once (and Postgres connections used).", minimum=1
+        4, "Batches written to Postgres at once (each holds a write slot).", minimum=1
+    )
+    write_slots: int = _setting(
+        0,
+        "Postgres connections writing runs at once, shared by every process of every "
+        "sidecar on this Redis: drain batches and write-through inserts (those take at "
+        "most all but one); a write-through Trigger finding none free buffers its run "
+        "(reason POSTGRES_BUSY). 0: MOLLIFIER_DRAIN_CONCURRENCY.",
+        minimum=0,
     )
     # At most 1,000: a lease script moves a whole batch in one call, and Redis's
     # Lua cannot unpack many thousands of values at once.

@@ -53,6 +53,7 @@ from .materializer import (
     write_batch,
 )
 from .scripts import Scripts
+from .slots import WriteSlots
 from .validation import Violations
 
 __all__ = ["Drainer", "LeasedBatch", "LeasedRun"]
@@ -217,6 +218,7 @@ class Drainer:
         self.pool = pool
         self.consumer_id = consumer_id or "drainer-" + secrets.token_hex(4)
         self.sem = asyncio.Semaphore(settings.drain_concurrency)
+        self.slots = WriteSlots(settings, redis, scripts)
         self.rate = _RateLimit(settings.drain_rate_per_sec)
         self.rotation = _Rotation()
         self.external_rotation = _Rotation()
@@ -710,36 +712,48 @@ class Drainer:
         return sum(counts)
 
     async def _drain_env(self, org: str, env_id: str) -> int:
-        """Lease one batch of one env, write it, ack it. Never raises."""
+        """Lease one batch of one env, write it, ack it. Never raises.
+
+        The batch holds a Postgres write slot (``slots.py``), shared with
+        every other writer of every sidecar on this Redis, from before its
+        lease to after its ack. The rate budget is taken before either:
+        waiting for it with a lease in hand would eat the lease (and count an
+        attempt), and with a slot in hand would keep a writer out.
+        """
         async with self.sem:
             if self._stopping:
                 return 0
             try:
-                token = secrets.token_hex(16)
-                # The rate budget is taken before leasing: waiting for it with
-                # a lease in hand would eat the lease (and count an attempt).
                 size = self.settings.drain_batch_size
                 await self.rate.take(size)
-                batch = await self.lease_env(env_id, size, self.settings.drain_lease_ms, token)
-                if batch.expired_out:
-                    await self._settle_written(env_id, batch.expired_out)
-                leased = batch.size
-                self.rate.refund(size - leased)
-                if not leased:
-                    await self._unindex_env(org, env_id)
-                    return 0
-                self.in_flight += leased
-                self._leased_since_check += leased
-                try:
-                    await self.materialize(batch)
-                finally:
-                    self.in_flight -= leased
-                return leased
+                async with self.slots.drain_slot(lambda: self._stopping) as held:
+                    if not held:
+                        self.rate.refund(size)
+                        return 0
+                    return await self._drain_held(org, env_id, size)
             except Exception:
                 # One env's failure never stops the others or the loop; its
                 # leased runs come back when the lease runs out.
                 log.exception("draining an env failed", extra={"env_id": env_id})
                 return 0
+
+    async def _drain_held(self, org: str, env_id: str, size: int) -> int:
+        token = secrets.token_hex(16)
+        batch = await self.lease_env(env_id, size, self.settings.drain_lease_ms, token)
+        if batch.expired_out:
+            await self._settle_written(env_id, batch.expired_out)
+        leased = batch.size
+        self.rate.refund(size - leased)
+        if not leased:
+            await self._unindex_env(org, env_id)
+            return 0
+        self.in_flight += leased
+        self._leased_since_check += leased
+        try:
+            await self.materialize(batch)
+        finally:
+            self.in_flight -= leased
+        return leased
 
     async def materialize(self, batch: LeasedBatch) -> None:
         """Write a leased batch to Postgres and settle every run in Redis."""

@@ -38,6 +38,7 @@ from .errors import (
 from .keys import env_keys
 from .resp import Batch, DirectPipeline
 from .scripts import AutoPipeline, Scripts
+from .slots import WriteSlots
 from .validation import Violations
 
 M = TypeVar("M", gate_pb2.EvaluateResponse, gate_pb2.TriggerResponse, gate_pb2.GateOutcome)
@@ -135,6 +136,9 @@ class Gate:
         self.buffer = buffer
         self.timeout = settings.gate_timeout_ms / 1000
         self._pipe = AutoPipeline(redis, scripts)
+        self._slots = WriteSlots(settings, redis, scripts)
+        # Slots being given back after a direct write (not awaited by its caller).
+        self._releasing: set[asyncio.Task[Any]] = set()
         self._direct: DirectPipeline | None = None
         if self._pipe.usable and settings.gate_direct_redis and settings.redis_url:
             # The gate's calls are small and many: one connection of their own,
@@ -179,7 +183,11 @@ class Gate:
             )
 
     async def aclose(self) -> None:
-        """Close the gate's own Redis connection (if it has one)."""
+        """Give back the write slots still held, then close the gate's own
+        Redis connection (if it has one)."""
+        if self._releasing:
+            # Bounded: a slot not given back lapses with its lease anyway.
+            await asyncio.wait(set(self._releasing), timeout=1.0)
         if self._direct is not None:
             await self._direct.aclose()
 
@@ -402,6 +410,12 @@ class Gate:
         materializer; a retryable failure (or no answer within
         MOLLIFIER_DIRECT_WRITE_TIMEOUT_MS) buffers the run instead.
 
+        A run the gate passed for being under its threshold first takes a
+        write slot (``slots.py``), and is buffered when none is free. Not the
+        others: the kill switch, an org not enabled, the bypasses and shadow
+        mode must never buffer a run, a full buffer cannot take it, and with
+        Redis failing there is neither a slot nor a buffer to ask.
+
         When trigger.lua bound the key to this run and the call fails with the
         run neither written nor buffered, the binding is dropped again, so the
         key is not held by a run that never came to be. Not when the caller is
@@ -437,7 +451,37 @@ class Gate:
             self.redis, [k.idem(snap.task_identifier, snap.idempotency_key)], [snap.run_id, holder]
         )
 
+    async def _take_slot(self) -> str | None:
+        """A write slot for one direct write: its holder id; "" when none is
+        free; None when Redis did not answer (the write goes ahead without:
+        the gate fails open, and so does the budget)."""
+        holder = self._slots.new_holder()
+        try:
+            r = await self._run(lambda p: self._slots.queue_take_direct(p, holder), 1)
+        except Exception:
+            return None
+        return holder if int(r[0]) == 1 else ""
+
+    def _release_slot(self, holder: str) -> None:
+        """Give a slot back without holding up the caller's answer."""
+        task = asyncio.create_task(self._run(lambda p: self._slots.queue_release(p, holder), 1))
+        self._releasing.add(task)
+        task.add_done_callback(_forget_release(self._releasing))
+
     async def _write_direct_once(
+        self, outcome: Outcome, snap: run_pb2.RunSnapshot, *, bound: bool
+    ) -> TriggerOutcome:
+        slot = outcome.reason == gate_pb2.DECISION_REASON_UNDER_THRESHOLD
+        holder = await self._take_slot() if slot else None
+        if holder == "":
+            return await self._buffer_instead(outcome, snap, None, busy=True)
+        try:
+            return await self._insert_direct(outcome, snap, bound=bound)
+        finally:
+            if holder:
+                self._release_slot(holder)
+
+    async def _insert_direct(
         self, outcome: Outcome, snap: run_pb2.RunSnapshot, *, bound: bool
     ) -> TriggerOutcome:
         from . import materializer as m
@@ -491,19 +535,29 @@ class Gate:
         return TriggerOutcome(outcome, holder, existing, True)
 
     async def _buffer_instead(
-        self, outcome: Outcome, snap: run_pb2.RunSnapshot, exc: BaseException | None
+        self,
+        outcome: Outcome,
+        snap: run_pb2.RunSnapshot,
+        exc: BaseException | None,
+        *,
+        busy: bool = False,
     ) -> TriggerOutcome:
-        """Postgres failed retryably on a direct write: take the run into the buffer."""
-        metrics.direct_write_fallback()
-        log.warning(
-            "direct write failed; buffering the run",
-            extra={
-                "env_id": snap.env_id,
-                "run_id": snap.run_id,
-                "error": type(exc).__name__ if exc else "retry",
-                "reason": "POSTGRES_UNAVAILABLE",
-            },
-        )
+        """Postgres failed retryably on a direct write, or (``busy``) every
+        write slot was in use: take the run into the buffer."""
+        if busy:
+            # Expected under load, one per run: counted, not logged.
+            metrics.direct_write_deferred()
+        else:
+            metrics.direct_write_fallback()
+            log.warning(
+                "direct write failed; buffering the run",
+                extra={
+                    "env_id": snap.env_id,
+                    "run_id": snap.run_id,
+                    "error": type(exc).__name__ if exc else "retry",
+                    "reason": "POSTGRES_UNAVAILABLE",
+                },
+            )
         try:
             accepted = await self.buffer.accept(snap)
         except ResourceExhausted:
@@ -520,7 +574,9 @@ class Gate:
             ) from redis_exc
         buffered = Outcome(
             MOLLIFY,
-            gate_pb2.DECISION_REASON_POSTGRES_UNAVAILABLE,
+            gate_pb2.DECISION_REASON_POSTGRES_BUSY
+            if busy
+            else gate_pb2.DECISION_REASON_POSTGRES_UNAVAILABLE,
             outcome.window_count,
             outcome.threshold,
             outcome.tripped_until_ms,
@@ -669,3 +725,14 @@ def direct_run(snap: run_pb2.RunSnapshot) -> run_pb2.Run:
         created_at=ts_from_ms(now),
         materialized_at=ts_from_ms(now),
     )
+
+
+def _forget_release(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            # A failed give-back lapses with the slot's lease; read the error
+            # so asyncio does not report it as never retrieved.
+            task.exception()
+
+    return done

@@ -17,6 +17,7 @@ __all__ = [
     "DRAIN_PAUSED",
     "INDEX_ORGS",
     "STATS_TOTAL_DEPTH",
+    "WRITE_SLOTS",
     "EnvKeys",
     "env_keys",
     "org_envs_key",
@@ -32,6 +33,8 @@ DRAIN_PAUSED = f"{PREFIX}:drain:paused"
 DRAIN_COUNTERS_PREFIX = f"{PREFIX}:drain:counters:"
 # STRING: the whole buffer's depth, recomputed by the drainer's sweep.
 STATS_TOTAL_DEPTH = f"{PREFIX}:stats:depth"
+# ZSET holder -> lapses at (ms): the Postgres write slots in use (write_slot.lua).
+WRITE_SLOTS = f"{PREFIX}:pg:slots"
 
 
 def org_envs_key(org_id: str) -> str:

@@ -57,6 +57,7 @@ __all__ = [
     "MetricsServer",
     "batch_histogram",
     "decided",
+    "direct_write_deferred",
     "direct_write_fallback",
     "instrument_drainer",
     "start_metrics",
@@ -87,6 +88,11 @@ _DECISION_SECONDS = Histogram(
 _DIRECT_FALLBACKS = Counter(
     "mollifier_gate_direct_write_fallbacks",
     "Write-through triggers buffered because Postgres failed or was too slow.",
+    registry=GATE_REGISTRY,
+)
+_DIRECT_DEFERRED = Counter(
+    "mollifier_gate_direct_write_deferrals",
+    "Write-through triggers buffered because every Postgres write slot was in use.",
     registry=GATE_REGISTRY,
 )
 
@@ -146,6 +152,11 @@ def decided_many(outcomes: list[OutcomeT], started: float, call: str) -> list[Ou
 def direct_write_fallback() -> None:
     """A write-through trigger went to the buffer because Postgres failed."""
     _DIRECT_FALLBACKS.inc()
+
+
+def direct_write_deferred() -> None:
+    """A write-through trigger went to the buffer: no write slot was free."""
+    _DIRECT_DEFERRED.inc()
 
 
 class _Forward(Collector):

@@ -84,6 +84,10 @@ class Batch:
         self.chunks.append(_pack(("SADD", key, *members)))
         return self
 
+    def zrem(self, key: str, *members: Arg) -> Batch:
+        self.chunks.append(_pack(("ZREM", key, *members)))
+        return self
+
 
 class _Call:
     """One submitted group of commands and the replies gathered for it.

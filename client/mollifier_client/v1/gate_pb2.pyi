@@ -34,6 +34,7 @@ class DecisionReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DECISION_REASON_FAIL_OPEN: _ClassVar[DecisionReason]
     DECISION_REASON_BUFFER_FULL: _ClassVar[DecisionReason]
     DECISION_REASON_POSTGRES_UNAVAILABLE: _ClassVar[DecisionReason]
+    DECISION_REASON_POSTGRES_BUSY: _ClassVar[DecisionReason]
 
 class ClaimState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -58,6 +59,7 @@ DECISION_REASON_SHADOW_TRIPPED: DecisionReason
 DECISION_REASON_FAIL_OPEN: DecisionReason
 DECISION_REASON_BUFFER_FULL: DecisionReason
 DECISION_REASON_POSTGRES_UNAVAILABLE: DecisionReason
+DECISION_REASON_POSTGRES_BUSY: DecisionReason
 CLAIM_STATE_UNSPECIFIED: ClaimState
 CLAIM_STATE_CLAIMED: ClaimState
 CLAIM_STATE_RESOLVED: ClaimState
