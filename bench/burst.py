@@ -111,6 +111,7 @@ class Sampler:
         self.redis = redis
         self.samples: list[tuple[float, int, int, int]] = []  # t, in use, open, depth
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.t0 = 0.0
 
     async def _run(self) -> None:
@@ -119,7 +120,7 @@ class Sampler:
 
         k = env_keys(ENV)
         async with await psycopg.AsyncConnection.connect(self.pg_url, autocommit=True) as conn:
-            while True:
+            while not self._stopping:
                 cur = await conn.execute(
                     "SELECT count(*) FILTER (WHERE state <> 'idle'), count(*) "
                     "FROM pg_stat_activity WHERE backend_type = 'client backend' "
@@ -143,9 +144,13 @@ class Sampler:
 
     async def stop(self) -> None:
         assert self._task is not None
+        # A flag, not only a cancel: a cancel landing inside a client call was
+        # once lost there, and the sampler went on for ever.
+        self._stopping = True
+        await asyncio.wait({self._task}, timeout=5)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+            await asyncio.wait({self._task}, timeout=5)
 
     @property
     def peak_in_use(self) -> int:

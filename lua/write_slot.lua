@@ -11,6 +11,9 @@
   drain's limit is the whole budget and a write-through insert's one less,
   so direct writes can never hold every slot and starve the drain.
 
+  Taking again under a holder id that holds a slot renews it: a caller that
+  timed out waiting for the answer may ask again without counting twice.
+
   Input:
     KEYS[1] slots zset   mf:pg:slots   (holder -> lapses at, ms)
     ARGV[1] holder id (unique per taking)
@@ -30,12 +33,10 @@ local renew = ARGV[4] == "1"
 
 local now = now_ms()
 rcall("ZREMRANGEBYSCORE", slotsKey, "-inf", now)
-if renew then
-  if not rcall("ZSCORE", slotsKey, holder) then
+if not rcall("ZSCORE", slotsKey, holder) then
+  if renew or rcall("ZCARD", slotsKey) >= limit then
     return 0
   end
-elseif rcall("ZCARD", slotsKey) >= limit then
-  return 0
 end
 rcall("ZADD", slotsKey, now + leaseMs, holder)
 -- The set outlives its longest lease only: sidecars gone, it goes too.

@@ -71,6 +71,10 @@ async def test_a_slot_is_taken_under_the_limit_renewed_and_lapses(redis_client: 
     # A higher limit (the drain's) still finds room below it.
     assert await take(redis_client, "c", 3) == 1
     assert await redis_client.zcard(WRITE_SLOTS) == 3
+    # Asking again under a holder that holds one (an answer that came too
+    # late) counts it once, even at the limit.
+    assert await take(redis_client, "c", 3) == 1
+    assert await redis_client.zcard(WRITE_SLOTS) == 3
     await redis_client.zrem(WRITE_SLOTS, "a")
     assert await take(redis_client, "d", 3) == 1
     # Renewing a held slot pushes out its lapse; a slot not held is not renewed.
@@ -129,6 +133,57 @@ async def test_no_free_slot_buffers_the_run_with_postgres_busy(
         [req.snapshot.run_id, after.snapshot.run_id, bypass.snapshot.run_id]
     )
     assert await app.redis.zrange(WRITE_SLOTS, 0, -1) == [b"elsewhere-1", b"elsewhere-2"]
+
+
+async def _stall_redis(url: str, seconds: float) -> None:
+    """Keep Redis busy (one script spinning) for ``seconds``: slow, not down."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    spin = (
+        "local t = redis.call('TIME'); local stop = t[1] * 1e6 + t[2] + ARGV[1] "
+        "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= stop return 1"
+    )
+    try:
+        await client.eval(spin, 0, int(seconds * 1e6))
+    finally:
+        await client.aclose()
+
+
+async def test_a_slow_redis_still_counts_the_slots(settings: Settings, database_url: str) -> None:
+    """Redis too slow for the gate's timeout: the decision fails open, and the
+    direct write still asks for a slot (patiently), so the budget holds."""
+    # Redis stalls 0.4 s from just before the trigger: past the decision's
+    # 0.1 s and the first ask's, inside the second ask's 0.4 s.
+    s = settings.replace(trip_threshold=10_000, gate_timeout_ms=100, write_slots=3)
+    app = await App.connect(s, start_background=False)
+    try:
+        assert await take(app.redis, "elsewhere-1", 3) == 1
+        assert await take(app.redis, "elsewhere-2", 3) == 1
+        stall = asyncio.create_task(_stall_redis(s.redis_url, 0.4))
+        await asyncio.sleep(0.05)
+        req = request()
+        out = await app.gate.trigger(req, req.snapshot)
+        await stall
+        assert out.outcome.reason == gate_pb2.DECISION_REASON_POSTGRES_BUSY
+        assert out.run is not None and out.run.source == run_pb2.RUN_SOURCE_BUFFER
+        assert await rows(database_url) == []
+        # With a slot free, the same slowness still writes the run (holding one).
+        await app.redis.zrem(WRITE_SLOTS, "elsewhere-1", "elsewhere-2")
+        stall = asyncio.create_task(_stall_redis(s.redis_url, 0.4))
+        await asyncio.sleep(0.05)
+        other = request("env_s2")
+        written = await app.gate.trigger(other, other.snapshot)
+        await stall
+        assert written.outcome.reason == gate_pb2.DECISION_REASON_FAIL_OPEN
+        assert written.run is not None and written.run.source == run_pb2.RUN_SOURCE_POSTGRES
+        for _ in range(100):
+            if not await app.redis.zcard(WRITE_SLOTS):
+                break
+            await asyncio.sleep(0.01)
+        assert await app.redis.zcard(WRITE_SLOTS) == 0
+    finally:
+        await app.close()
 
 
 async def test_a_drain_batch_waits_for_a_slot(app: App, database_url: str) -> None:

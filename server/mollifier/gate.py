@@ -58,6 +58,11 @@ MAX_CLAIM_TTL_MS = 600_000
 PING = b"*1\r\n$4\r\nPING\r\n"
 # Bound on the per-env caches of the hot path (cleared whole when reached).
 MAX_CACHED_ENVS = 10_000
+# Pass-throughs whose direct write takes a Postgres write slot (or is buffered
+# without one); see Gate._write_direct.
+SLOTTED_REASONS = (gate_pb2.DECISION_REASON_UNDER_THRESHOLD, gate_pb2.DECISION_REASON_FAIL_OPEN)
+# Gate timeouts a write slot is asked for again when the first ask timed out.
+SLOT_PATIENCE = 4
 
 
 class GateRequest(Protocol):
@@ -410,11 +415,11 @@ class Gate:
         materializer; a retryable failure (or no answer within
         MOLLIFIER_DIRECT_WRITE_TIMEOUT_MS) buffers the run instead.
 
-        A run the gate passed for being under its threshold first takes a
-        write slot (``slots.py``), and is buffered when none is free. Not the
-        others: the kill switch, an org not enabled, the bypasses and shadow
-        mode must never buffer a run, a full buffer cannot take it, and with
-        Redis failing there is neither a slot nor a buffer to ask.
+        A run passed for being under its threshold, or failed open, first
+        takes a write slot (``slots.py``), and is buffered when none is free
+        (written at once if the buffer cannot take it). Not the others: the
+        kill switch, an org not enabled, the bypasses and shadow mode must
+        never buffer a run, and a full buffer cannot take it.
 
         When trigger.lua bound the key to this run and the call fails with the
         run neither written nor buffered, the binding is dropped again, so the
@@ -453,14 +458,31 @@ class Gate:
 
     async def _take_slot(self) -> str | None:
         """A write slot for one direct write: its holder id; "" when none is
-        free; None when Redis did not answer (the write goes ahead without:
-        the gate fails open, and so does the budget)."""
+        free; None when Redis cannot answer (the write goes ahead without:
+        the gate fails open, and so does the budget).
+
+        A slow Redis is not a failing one: past the gate timeout the slot is
+        asked for again, on the pool, for up to SLOT_PATIENCE gate timeouts
+        more (not longer: a paused Redis must not hold up a failed-open
+        trigger), under the same holder id (counted once if the first ask
+        landed late).
+        """
         holder = self._slots.new_holder()
         try:
             r = await self._run(lambda p: self._slots.queue_take_direct(p, holder), 1)
+            return holder if int(r[0]) == 1 else ""
+        except TimeoutError:
+            pass
         except Exception:
             return None
-        return holder if int(r[0]) == 1 else ""
+        try:
+            async with asyncio.timeout(SLOT_PATIENCE * self.timeout):
+                taken = await self._slots.take_direct(holder)
+        except Exception:
+            # Either ask may still land: give the slot back in case one did.
+            self._release_slot(holder)
+            return None
+        return holder if taken else ""
 
     def _release_slot(self, holder: str) -> None:
         """Give a slot back without holding up the caller's answer."""
@@ -471,10 +493,12 @@ class Gate:
     async def _write_direct_once(
         self, outcome: Outcome, snap: run_pb2.RunSnapshot, *, bound: bool
     ) -> TriggerOutcome:
-        slot = outcome.reason == gate_pb2.DECISION_REASON_UNDER_THRESHOLD
+        slot = outcome.reason in SLOTTED_REASONS
         holder = await self._take_slot() if slot else None
         if holder == "":
-            return await self._buffer_instead(outcome, snap, None, busy=True)
+            deferred = await self._defer(outcome, snap)
+            if deferred is not None:
+                return deferred
         try:
             return await self._insert_direct(outcome, snap, bound=bound)
         finally:
@@ -535,31 +559,23 @@ class Gate:
         return TriggerOutcome(outcome, holder, existing, True)
 
     async def _buffer_instead(
-        self,
-        outcome: Outcome,
-        snap: run_pb2.RunSnapshot,
-        exc: BaseException | None,
-        *,
-        busy: bool = False,
+        self, outcome: Outcome, snap: run_pb2.RunSnapshot, exc: BaseException | None
     ) -> TriggerOutcome:
-        """Postgres failed retryably on a direct write, or (``busy``) every
-        write slot was in use: take the run into the buffer."""
-        if busy:
-            # Expected under load, one per run: counted, not logged.
-            metrics.direct_write_deferred()
-        else:
-            metrics.direct_write_fallback()
-            log.warning(
-                "direct write failed; buffering the run",
-                extra={
-                    "env_id": snap.env_id,
-                    "run_id": snap.run_id,
-                    "error": type(exc).__name__ if exc else "retry",
-                    "reason": "POSTGRES_UNAVAILABLE",
-                },
-            )
+        """Postgres failed retryably on a direct write: take the run into the buffer."""
+        metrics.direct_write_fallback()
+        log.warning(
+            "direct write failed; buffering the run",
+            extra={
+                "env_id": snap.env_id,
+                "run_id": snap.run_id,
+                "error": type(exc).__name__ if exc else "retry",
+                "reason": "POSTGRES_UNAVAILABLE",
+            },
+        )
         try:
-            accepted = await self.buffer.accept(snap)
+            return await self._accept_instead(
+                outcome, snap, gate_pb2.DECISION_REASON_POSTGRES_UNAVAILABLE
+            )
         except ResourceExhausted:
             raise Unavailable(
                 "postgres is unavailable and the buffer is full",
@@ -572,14 +588,31 @@ class Gate:
             raise Unavailable(
                 "postgres and redis are both unavailable", reason="STORES_UNAVAILABLE"
             ) from redis_exc
+
+    async def _defer(self, outcome: Outcome, snap: run_pb2.RunSnapshot) -> TriggerOutcome | None:
+        """No write slot was free: take the run into the buffer; None when the
+        buffer cannot take it either (full, or Redis failing after all), and
+        the run is written at once, outside the budget, rather than refused."""
+        try:
+            deferred = await self._accept_instead(
+                outcome, snap, gate_pb2.DECISION_REASON_POSTGRES_BUSY
+            )
+        except ResourceExhausted:
+            return None
+        except MollifierError:
+            raise
+        except Exception:
+            return None
+        # Expected under load, one per run: counted, not logged.
+        metrics.direct_write_deferred()
+        return deferred
+
+    async def _accept_instead(
+        self, outcome: Outcome, snap: run_pb2.RunSnapshot, reason: int
+    ) -> TriggerOutcome:
+        accepted = await self.buffer.accept(snap)
         buffered = Outcome(
-            MOLLIFY,
-            gate_pb2.DECISION_REASON_POSTGRES_BUSY
-            if busy
-            else gate_pb2.DECISION_REASON_POSTGRES_UNAVAILABLE,
-            outcome.window_count,
-            outcome.threshold,
-            outcome.tripped_until_ms,
+            MOLLIFY, reason, outcome.window_count, outcome.threshold, outcome.tripped_until_ms
         )
         duplicate = accepted.result != buffer_pb2.ACCEPT_RESULT_ACCEPTED
         run_id = accepted.existing_run_id or snap.run_id

@@ -65,6 +65,10 @@ class WriteSlots:
             pipe, [WRITE_SLOTS], [holder, self.direct_limit, self.direct_lease_ms, "0"]
         )
 
+    async def take_direct(self, holder: str) -> bool:
+        """The same taking as ``queue_take_direct``, on the client's pool."""
+        return await self._call(holder, self.direct_limit, self.direct_lease_ms, False)
+
     def queue_release(self, pipe: Any, holder: str) -> None:
         pipe.zrem(WRITE_SLOTS, holder)
 
@@ -85,24 +89,29 @@ class WriteSlots:
                 yield False
                 return
             await asyncio.sleep(_POLL_S)
-        renewer = asyncio.create_task(self._renew(holder))
+        stop = asyncio.Event()
+        renewer = asyncio.create_task(self._renew(holder, stop))
         try:
             yield True
         finally:
+            stop.set()
             renewer.cancel()
-            with contextlib.suppress(BaseException):
-                await renewer
+            # Not awaited to its end: a cancel landing inside a client call can
+            # be lost there, and the loop also ends on ``stop``.
+            await asyncio.wait({renewer}, timeout=1.0)
             # Given back even when the batch was cancelled; if Redis is gone,
             # the slot lapses with its lease.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.redis.zrem(WRITE_SLOTS, holder))
 
-    async def _renew(self, holder: str) -> None:
-        while True:
+    async def _renew(self, holder: str, stop: asyncio.Event) -> None:
+        while not stop.is_set():
             await asyncio.sleep(DRAIN_SLOT_LEASE_MS / 3000)
             # A failed renewal (Redis blip) is tried again next time. A slot
             # that lapsed meanwhile is put back whatever the count: this batch
-            # still writes, and the count must say so to the others.
+            # still writes, and the count must say so to the others. Not once
+            # the batch is done: the slot was given back, not lost.
             with contextlib.suppress(Exception):
-                if not await self._call(holder, self.budget, DRAIN_SLOT_LEASE_MS, True):
+                renewed = await self._call(holder, self.budget, DRAIN_SLOT_LEASE_MS, True)
+                if not renewed and not stop.is_set():
                     await self._call(holder, _ANY, DRAIN_SLOT_LEASE_MS, False)
