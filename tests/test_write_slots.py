@@ -277,3 +277,55 @@ async def test_postgres_never_holds_more_writers_than_the_slots(
     assert gate_pb2.DECISION_REASON_POSTGRES_BUSY in reasons
     assert count_rows(database_url) == 1500
     assert 1 <= peak <= 2, f"{peak} Postgres connections busy at once"
+
+
+async def test_shadow_mode_never_buffers_for_want_of_a_slot(
+    settings: Settings, database_url: str
+) -> None:
+    s = settings.replace(shadow_mode=True, gate_timeout_ms=2000, write_slots=3)
+    app = await App.connect(s, start_background=False)
+    try:
+        assert await take(app.redis, "elsewhere-1", 3) == 1
+        assert await take(app.redis, "elsewhere-2", 3) == 1
+        req = request()
+        out = await app.gate.trigger(req, req.snapshot)
+        assert out.outcome.decision == gate_pb2.DECISION_PASS_THROUGH
+        assert out.run is not None and out.run.source == run_pb2.RUN_SOURCE_POSTGRES
+        assert await rows(database_url) == [req.snapshot.run_id]
+    finally:
+        await app.close()
+
+
+async def test_a_busy_retry_under_another_key_leaves_that_key_free(
+    app: App, database_url: str
+) -> None:
+    """A written run retried under another key while every slot is busy is
+    buffered under that key; its drain finds the row holding the first key,
+    so the other key is unbound again, and a trigger with it makes its run."""
+    first = request()
+    first.snapshot.idempotency_key = "k-own"
+    assert not (await app.gate.trigger(first, first.snapshot)).duplicate
+    assert await take(app.redis, "elsewhere-1", 3) == 1
+    assert await take(app.redis, "elsewhere-2", 3) == 1
+    retry = request()
+    retry.snapshot.run_id = first.snapshot.run_id
+    retry.snapshot.idempotency_key = "k-other"
+    out = await app.gate.trigger(retry, retry.snapshot)
+    assert out.outcome.reason == gate_pb2.DECISION_REASON_POSTGRES_BUSY
+    d = Drainer(app.settings.replace(drain_enabled=True), app.redis, app.scripts, app.pool)
+    assert await d.tick() == 1
+    binding = env_keys("env_s").idem("task-s", "k-other")
+    assert await app.redis.get(binding) is None
+    await app.redis.delete(WRITE_SLOTS)
+    fresh = request()
+    fresh.snapshot.idempotency_key = "k-other"
+    made = await app.gate.trigger(fresh, fresh.snapshot)
+    assert not made.duplicate and made.run_id == fresh.snapshot.run_id
+    assert sorted(await rows(database_url)) == sorted(
+        [first.snapshot.run_id, fresh.snapshot.run_id]
+    )
+    # The first key still answers with the run that holds it.
+    again = request()
+    again.snapshot.idempotency_key = "k-own"
+    dup = await app.gate.trigger(again, again.snapshot)
+    assert dup.duplicate and dup.run_id == first.snapshot.run_id

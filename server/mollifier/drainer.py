@@ -47,6 +47,7 @@ from .materializer import (
     Entry,
     LeaseLost,
     Outcome,
+    Result,
     describe_error,
     is_retryable,
     rows_of,
@@ -836,12 +837,31 @@ class Drainer:
             elif r.outcome is Outcome.SYSTEM_FAILURE:
                 self.failed_total += 1
         await self._ack_committed(batch, done)
+        await self._unbind_not_held(env_id, entries, results)
         for error, run_ids in retry.items():
             await self.nack_env(batch.env_id, batch.token, run_ids, error=error)
         for error, run_ids in dead.items():
             # Kept, readable and retryable in the failed set; never dropped.
             await self.nack_env(batch.env_id, batch.token, run_ids, dead_letter=True, error=error)
             self.failed_total += len(run_ids)
+
+    async def _unbind_not_held(
+        self, env_id: str, entries: Sequence[Entry], results: Sequence[Result]
+    ) -> None:
+        """Drop the binding of a key a run was buffered under but whose row,
+        written before, holds another (or none): a retry of a written run under
+        another key. Left bound, that key would answer with a run that never
+        held it, and its own trigger would never create a run."""
+        not_held = {r.run_id for r in results if r.key_not_held}
+        if not not_held:
+            return
+        k = env_keys(env_id)
+        for e in entries:
+            if e.run_id in not_held:
+                s = e.snapshot
+                await self.scripts.unbind(
+                    self.redis, [k.idem(s.task_identifier, s.idempotency_key)], [e.run_id]
+                )
 
     async def _ack_committed(self, batch: LeasedBatch, done: Sequence[tuple[str, str]]) -> None:
         _, rejected = await self.ack_env(batch.env_id, batch.token, done)

@@ -418,8 +418,9 @@ class Gate:
         A run passed for being under its threshold, or failed open, first
         takes a write slot (``slots.py``), and is buffered when none is free
         (written at once if the buffer cannot take it). Not the others: the
-        kill switch, an org not enabled, the bypasses and shadow mode must
-        never buffer a run, and a full buffer cannot take it.
+        kill switch, an org not enabled, the bypasses and shadow mode (whose
+        untripped answers are UNDER_THRESHOLD too) must never buffer a run,
+        and a full buffer cannot take it.
 
         When trigger.lua bound the key to this run and the call fails with the
         run neither written nor buffered, the binding is dropped again, so the
@@ -469,31 +470,48 @@ class Gate:
         """
         holder = self._slots.new_holder()
         try:
+            return await self._ask_slot(holder)
+        except BaseException:
+            # No answer (or the caller is gone): an ask may still land, or have
+            # landed; give the slot back in case one did.
+            self._release_slot(holder)
+            raise
+
+    async def _ask_slot(self, holder: str) -> str | None:
+        try:
             r = await self._run(lambda p: self._slots.queue_take_direct(p, holder), 1)
             return holder if int(r[0]) == 1 else ""
         except TimeoutError:
             pass
         except Exception:
-            return None
+            return None  # (nothing sent that could land)
         try:
             async with asyncio.timeout(SLOT_PATIENCE * self.timeout):
                 taken = await self._slots.take_direct(holder)
         except Exception:
-            # Either ask may still land: give the slot back in case one did.
             self._release_slot(holder)
             return None
         return holder if taken else ""
 
     def _release_slot(self, holder: str) -> None:
         """Give a slot back without holding up the caller's answer."""
-        task = asyncio.create_task(self._run(lambda p: self._slots.queue_release(p, holder), 1))
+        task = asyncio.create_task(self._give_back(holder))
         self._releasing.add(task)
         task.add_done_callback(_forget_release(self._releasing))
+
+    async def _give_back(self, holder: str) -> None:
+        try:
+            await self._run(lambda p: self._slots.queue_release(p, holder), 1)
+        except Exception:
+            # The gate's bound is tight, and a call that timed out before it
+            # went out is never sent: once more on the pool, unhurried, so a
+            # Redis hiccup does not leave slots held until their leases lapse.
+            await self._slots.release(holder)
 
     async def _write_direct_once(
         self, outcome: Outcome, snap: run_pb2.RunSnapshot, *, bound: bool
     ) -> TriggerOutcome:
-        slot = outcome.reason in SLOTTED_REASONS
+        slot = outcome.reason in SLOTTED_REASONS and not self.settings.shadow_mode
         holder = await self._take_slot() if slot else None
         if holder == "":
             deferred = await self._defer(outcome, snap)

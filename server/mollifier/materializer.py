@@ -137,6 +137,9 @@ class Result:
     # The run the entry resolves to (itself, or the holder of its key).
     resolved_run_id: str = ""
     retryable: bool = field(default=False)
+    # EXISTS, but the row does not hold the entry's idempotency key (a retry
+    # of a written run under another key): the key must not stay bound to it.
+    key_not_held: bool = False
 
 
 # -- rows ----------------------------------------------------------------------
@@ -468,7 +471,10 @@ _CANCEL_EXISTING_SQL = (
     "WHERE run_id = %s AND env_id = %s AND status IN ('PENDING', 'DELAYED')"
 )
 
-_EXISTING_SQL = "SELECT run_id, env_id FROM mollifier.runs WHERE run_id = ANY(%s::text[])"
+_EXISTING_SQL = (
+    "SELECT run_id, env_id, task_identifier, idempotency_key FROM mollifier.runs "
+    "WHERE run_id = ANY(%s::text[])"
+)
 
 
 Conn = psycopg.AsyncConnection[Any]
@@ -479,7 +485,7 @@ async def rows_of(pool: AsyncConnectionPool, env_id: str, run_ids: Sequence[str]
     """Which of the env's ``run_ids`` are rows already."""
     async with pool.connection() as conn:
         cur = await conn.execute(_EXISTING_SQL, (list(run_ids),))
-        return {run_id for run_id, env in await cur.fetchall() if env == env_id}
+        return {row[0] for row in await cur.fetchall() if row[1] == env_id}
 
 
 async def _release_expired(conn: Conn, entries: Sequence[Entry]) -> None:
@@ -503,10 +509,13 @@ async def _resolve_missing(
     existing: set[str] = set()
     foreign: set[str] = set()
     owners: dict[str, str] = {}
+    row_keys: dict[str, tuple[str, str]] = {}
     holders: dict[tuple[str, str, str], str] = {}
     if missing:
         cur = await conn.execute(_EXISTING_SQL, ([e.run_id for e in missing],))
-        owners = {r[0]: r[1] for r in await cur.fetchall()}
+        for run_id, env_id, task, key in await cur.fetchall():
+            owners[run_id] = env_id
+            row_keys[run_id] = (task, key or "")
         # Only a row of the entry's own env is "this run, already written".
         existing = {e.run_id for e in missing if owners.get(e.run_id) == e.snapshot.env_id}
         foreign = {e.run_id for e in missing if e.run_id in owners} - existing
@@ -537,7 +546,13 @@ async def _resolve_missing(
         if e.run_id in inserted:
             results.append(Result(e.run_id, Outcome.CREATED, resolved_run_id=e.run_id))
         elif e.run_id in existing:
-            results.append(Result(e.run_id, Outcome.EXISTS, resolved_run_id=e.run_id))
+            not_held = bool(s.idempotency_key) and row_keys[e.run_id] != (
+                s.task_identifier,
+                s.idempotency_key,
+            )
+            results.append(
+                Result(e.run_id, Outcome.EXISTS, resolved_run_id=e.run_id, key_not_held=not_held)
+            )
         elif e.run_id in foreign:
             results.append(Result(e.run_id, Outcome.CONFLICT, "run id already used by another env"))
         else:

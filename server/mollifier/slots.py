@@ -72,6 +72,9 @@ class WriteSlots:
     def queue_release(self, pipe: Any, holder: str) -> None:
         pipe.zrem(WRITE_SLOTS, holder)
 
+    async def release(self, holder: str) -> None:
+        await self.redis.zrem(WRITE_SLOTS, holder)
+
     async def _call(self, holder: str, limit: int, lease_ms: int, renew: bool) -> bool:
         r = await self.scripts.write_slot(
             self.redis, [WRITE_SLOTS], [holder, limit, lease_ms, "1" if renew else "0"]
