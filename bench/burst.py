@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import socket
 import subprocess
@@ -149,8 +148,7 @@ class Sampler:
         self._stopping = True
         await asyncio.wait({self._task}, timeout=5)
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({self._task}, timeout=5)
+        await asyncio.wait({self._task}, timeout=5)
 
     @property
     def peak_in_use(self) -> int:

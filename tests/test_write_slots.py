@@ -44,6 +44,16 @@ async def take(redis: Any, holder: str, limit: int, lease_ms: int = 60_000) -> i
     return int(await SCRIPTS.write_slot(redis, [WRITE_SLOTS], [holder, limit, lease_ms, "0"]))
 
 
+async def held_after_give_back(redis: Any) -> int:
+    """Slots held once a direct write's give-back (sent after its answer) had
+    up to a second to land."""
+    for _ in range(100):
+        if not await redis.zcard(WRITE_SLOTS):
+            break
+        await asyncio.sleep(0.01)
+    return int(await redis.zcard(WRITE_SLOTS))
+
+
 async def renew(redis: Any, holder: str, lease_ms: int = 60_000) -> int:
     return int(await SCRIPTS.write_slot(redis, [WRITE_SLOTS], [holder, 99, lease_ms, "1"]))
 
@@ -98,11 +108,7 @@ async def test_a_direct_write_holds_a_slot_and_gives_it_back(app: App) -> None:
     out = await app.gate.trigger(request(), request().snapshot)
     assert out.run is not None and out.run.source == run_pb2.RUN_SOURCE_POSTGRES
     # Given back after the answer, not before it.
-    for _ in range(100):
-        if not await app.redis.zcard(WRITE_SLOTS):
-            break
-        await asyncio.sleep(0.01)
-    assert await app.redis.zcard(WRITE_SLOTS) == 0
+    assert await held_after_give_back(app.redis) == 0
 
 
 async def test_no_free_slot_buffers_the_run_with_postgres_busy(
@@ -177,11 +183,7 @@ async def test_a_slow_redis_still_counts_the_slots(settings: Settings, database_
         await stall
         assert written.outcome.reason == gate_pb2.DECISION_REASON_FAIL_OPEN
         assert written.run is not None and written.run.source == run_pb2.RUN_SOURCE_POSTGRES
-        for _ in range(100):
-            if not await app.redis.zcard(WRITE_SLOTS):
-                break
-            await asyncio.sleep(0.01)
-        assert await app.redis.zcard(WRITE_SLOTS) == 0
+        assert await held_after_give_back(app.redis) == 0
     finally:
         await app.close()
 

@@ -497,7 +497,7 @@ class Gate:
         """Give a slot back without holding up the caller's answer."""
         task = asyncio.create_task(self._give_back(holder))
         self._releasing.add(task)
-        task.add_done_callback(_forget_release(self._releasing))
+        task.add_done_callback(self._releasing.discard)
 
     async def _give_back(self, holder: str) -> None:
         try:
@@ -506,7 +506,9 @@ class Gate:
             # The gate's bound is tight, and a call that timed out before it
             # went out is never sent: once more on the pool, unhurried, so a
             # Redis hiccup does not leave slots held until their leases lapse.
-            await self._slots.release(holder)
+            # Failing that too, the slot lapses with its lease.
+            with contextlib.suppress(Exception):
+                await self._slots.release(holder)
 
     async def _write_direct_once(
         self, outcome: Outcome, snap: run_pb2.RunSnapshot, *, bound: bool
@@ -776,14 +778,3 @@ def direct_run(snap: run_pb2.RunSnapshot) -> run_pb2.Run:
         created_at=ts_from_ms(now),
         materialized_at=ts_from_ms(now),
     )
-
-
-def _forget_release(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
-    def done(task: asyncio.Task[Any]) -> None:
-        tasks.discard(task)
-        if not task.cancelled():
-            # A failed give-back lapses with the slot's lease; read the error
-            # so asyncio does not report it as never retrieved.
-            task.exception()
-
-    return done

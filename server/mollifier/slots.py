@@ -105,7 +105,7 @@ class WriteSlots:
             # Given back even when the batch was cancelled; if Redis is gone,
             # the slot lapses with its lease.
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.redis.zrem(WRITE_SLOTS, holder))
+                await asyncio.shield(self.release(holder))
 
     async def _renew(self, holder: str, stop: asyncio.Event) -> None:
         while not stop.is_set():
