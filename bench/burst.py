@@ -130,7 +130,8 @@ class Sampler:
                 depth = 0
                 if self.redis is not None:
                     pipe = self.redis.pipeline(transaction=False)
-                    for key in (k.queue, k.lease, k.retry):
+                    pipe.llen(k.queue)
+                    for key in (k.back, k.lease, k.retry):
                         pipe.zcard(key)
                     depth = sum(int(n) for n in await pipe.execute())
                 t = time.perf_counter() - self.t0

@@ -88,7 +88,7 @@ async def _lua_caller(redis_url: str) -> Any:
     calls = []
     for i in range(ENVS):
         k = env_keys(f"env_bench_{i}")
-        calls.append([k.gate, k.policy, k.queue, k.lease, k.retry])
+        calls.append([k.gate, k.policy, k.queue, k.back, k.lease, k.retry])
 
     async def call(i: int) -> Any:
         return await scripts.evaluate(redis, calls[i % ENVS], args)

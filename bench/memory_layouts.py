@@ -10,7 +10,7 @@ put back afterwards (never point it at a shared Redis).
 Each layout is written for every run into an emptied Redis and measured as the
 INFO used_memory delta over all runs; hash-max-listpack-value and
 zset-max-listpack-entries are set per layout with CONFIG SET. Snapshots are
-bench/drain.py's, and today's layout is written by the real accept.lua with
+bench/drain.py's, and the layout in use is written by the real accept.lua with
 Buffer.accept_call's arguments. A second table compares codecs on the snapshot.
 """
 
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+import msgpack
 import redis
 from mollifier_client.v1 import run_pb2
 from redis.client import Pipeline
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "server"))
 
 from mollifier.buffer import Buffer  # noqa: E402
+from mollifier.codec import full_snapshot  # noqa: E402
 from mollifier.config import Settings  # noqa: E402
 from mollifier.devstack import RedisProcess  # noqa: E402
 from mollifier.keys import env_keys  # noqa: E402
@@ -48,6 +50,8 @@ from mollifier.scripts import Scripts  # noqa: E402
 from bench.drain import ENVS, make_snapshots  # noqa: E402
 
 HOST = "127.0.0.1"  # where RedisProcess binds
+# The packed entry's values, in order (lua/includes/entry.lua).
+ENTRY_NAMES = ("s", "st", "sc", "ca", "du", "ik", "at", "v", "lt", "le", "cx", "cr")
 PIPE = 500  # commands per pipeline round trip while writing a layout
 
 # The key type too: hset's mapping is a Mapping, invariant in its keys.
@@ -66,7 +70,7 @@ class Run:
         self.rid = snap.run_id
         self.env = snap.env_id
         self.org = snap.org_id
-        self.key = k.run(snap.run_id)
+        self.key = f"{k.tag}:run:{snap.run_id}"  # the hash per run of earlier rounds
         self.q = k.queue
         self.s = snap.SerializeToString()
         bare = run_pb2.RunSnapshot()
@@ -255,7 +259,7 @@ def run_layouts(r: redis.Redis, port: int, n: int) -> None:
         # Script.queue sends EVALSHA, so the script must be loaded first.
         w.script_load(accept.source)
 
-    def today(pipe: Pipeline, run: Run) -> None:
+    def in_use(pipe: Pipeline, run: Run) -> None:
         keys, args = buf.accept_call(run.snap)
         accept.queue(pipe, keys, args)
         buf.queue_index(pipe, run.snap.org_id, run.snap.env_id)
@@ -310,17 +314,18 @@ def run_layouts(r: redis.Redis, port: int, n: int) -> None:
 
     layouts = [
         Layout(
-            "1a. today (accept.lua), hash-max-listpack-value 64",
-            today,
+            "1a. in use (accept.lua), hash-max-listpack-value 64",
+            in_use,
             lp_value=64,
             setup=load_accept,
         ),
-        Layout("1b. today (accept.lua), hash-max-listpack-value 1024", today, setup=load_accept),
-        Layout("2. queue zset member alone", zadd),
+        Layout("1b. in use (accept.lua), hash-max-listpack-value 1024", in_use, setup=load_accept),
+        Layout("0. earlier: a hash per run + queue zset", both(hset(full), zadd)),
+        Layout("2. queue zset member alone (the earlier queue)", zadd),
         Layout("3a. run hash alone, listpack-value 64 (hashtable)", hset(full), lp_value=64),
         Layout("3b. run hash alone, listpack-value 1024 (listpack)", hset(full)),
         Layout("4. run hash without empty/zero fields (no du ik at)", hset(full, True)),
-        Layout("5. today's hash + zset, snapshot without run/env/org ids", both(hset(bare), zadd)),
+        Layout("5. earlier hash + zset, snapshot without run/env/org ids", both(hset(bare), zadd)),
         Layout("6a. one string per run (fields packed) alone", set_packed(full)),
         Layout("6b. one string per run + queue zset", both(set_packed(full), zadd)),
         Layout("7a. one hash per env (field = run id) alone", env_hash(full)),
@@ -394,18 +399,21 @@ def run_layouts(r: redis.Redis, port: int, n: int) -> None:
         name = layout.name
         note = ""
         if name.startswith("1"):
-            # The client does not decode replies, so HGETALL gives bytes.
-            hv = cast(dict[bytes, bytes], r.hgetall(mid.key))
-            assert hv[b"s"] == mid.s and r.zscore(mid.q, mid.rid) is not None
+            k = env_keys(mid.env)
+            raw = cast(bytes, r.hget(k.runs, mid.rid))
+            entry = msgpack.unpackb(raw, raw=True)
+            kept = run_pb2.RunSnapshot.FromString(full_snapshot(mid.env, mid.rid, entry[0]))
+            assert kept == mid.snap and r.llen(k.queue) > 0
+            usage = (r.memory_usage(k.runs, samples=0) or 0) // max(1, r.hlen(k.runs))
             note = (
-                f"  [run hash {r.object('encoding', mid.key).decode()}, MEMORY USAGE "
-                f"{r.memory_usage(mid.key, samples=0)}; queue "
-                f"{r.object('encoding', mid.q).decode()}]"
+                f"  [runs hash {r.object('encoding', k.runs).decode()}, MEMORY USAGE per run "
+                f"{usage}; queue "
+                f"{r.object('encoding', k.queue).decode()}]"
             )
             if name.startswith("1b"):
                 stored = {
-                    k.decode(): (f"<{len(v)} bytes>" if k == b"s" else v.decode())
-                    for k, v in hv.items()
+                    n: (f"<{len(v)} bytes>" if n == "s" else repr(v))
+                    for n, v in zip(ENTRY_NAMES, entry, strict=False)
                 }
         elif name.startswith(("3", "4", "6a")):
             note = f"  [MEMORY USAGE {r.memory_usage(mid.key, samples=0)}]"

@@ -249,8 +249,12 @@ async def sample(
         ).fetchone()
         assert row is not None
     depth = 0
-    async for key in redis.scan_iter(match="mf:{*}:q", count=1000):
-        depth += int(await redis.zcard(key))
+    async for key in redis.scan_iter(match="mf:{*}:q?", count=1000):
+        name = key.decode()
+        if name.endswith(":ql"):
+            depth += int(await redis.llen(key))
+        elif name.endswith(":qb"):
+            depth += int(await redis.zcard(key))
     s = {
         "t": round(time.monotonic() - started),
         "rss_mb": round(rss_mb(pid), 1),
@@ -327,7 +331,9 @@ async def soak(args: argparse.Namespace) -> int:
             depth = 0
             async for key in redis.scan_iter(match="mf:{*}:*", count=1000):
                 name = key.decode()
-                if name.endswith((":q", ":lease", ":retry", ":failed")):
+                if name.endswith(":ql"):
+                    depth += int(await redis.llen(key))
+                elif name.endswith((":qb", ":lease", ":retry", ":failed")):
                     depth += int(await redis.zcard(key))
             if depth == 0 or time.monotonic() > deadline:
                 break

@@ -15,7 +15,8 @@
   Input:
     KEYS[1] lease zset    mf:{env}:lease
 
-    ARGV[1] run hash key prefix, mf:{env}:run:
+    ARGV[1] runs hash     mf:{env}:runs (an argument, as the binding and
+            alias prefixes are; same hash slot)
     ARGV[2] binding key prefix, mf:{env}:idem:
     ARGV[3] lease token
     ARGV[4] binding TTL after the run left the buffer (ms)
@@ -37,8 +38,10 @@
 ]]
 local rcall = redis.call
 local leaseKey = KEYS[1]
-local prefix, idemPrefix, token, idemTtl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local runsKey, idemPrefix, token, idemTtl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local failedKey = ARGV[8]
+
+--- @include "includes/entry"
 
 local resolvedOf = {}
 local pending = nil
@@ -51,14 +54,14 @@ for word in string.gmatch(ARGV[6] or "", "%S+") do
   end
 end
 
--- The hashes are deleted together at the end; `isDone` keeps a run named
+-- The entries are deleted together at the end; `isDone` keeps a run named
 -- twice from being acked twice (its second mention is rejected, as when each
--- hash went at once).
-local acked, rejected, done, doneKeys, isDone = 0, {}, {}, {}, {}
+-- entry went at once).
+local acked, rejected, done, isDone = 0, {}, {}, {}
 for runId in string.gmatch(ARGV[5] or "", "%S+") do
   local resolved = resolvedOf[runId] or ""
-  local runKey = prefix .. runId
-  local f = rcall("HMGET", runKey, "st", "lt", "ik")
+  local e = entry_get(runsKey, runId)
+  local f = e and { e[E_ST], e[E_LT], e[E_IK] } or {}
   local held
   if failedKey then
     held = f[1] == "F" and rcall("ZSCORE", failedKey, runId) ~= false
@@ -82,18 +85,17 @@ for runId in string.gmatch(ARGV[5] or "", "%S+") do
       end
     end
     done[#done + 1] = runId
-    doneKeys[#doneKeys + 1] = runKey
     acked = acked + 1
   else
     rejected[#rejected + 1] = runId
   end
 end
--- One DEL and one ZREM per 500 runs rather than a DEL per run; in chunks
+-- One HDEL and one ZREM per 500 runs rather than one per run; in chunks
 -- because unpack takes a few thousand values at most and an external Ack
 -- may name more runs than one lease holds.
 for i = 1, #done, 500 do
   local j = math.min(i + 499, #done)
-  rcall("DEL", unpack(doneKeys, i, j))
+  rcall("HDEL", runsKey, unpack(done, i, j))
   rcall("ZREM", failedKey or leaseKey, unpack(done, i, j))
 end
 return { acked, rejected }

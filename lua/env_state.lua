@@ -2,8 +2,9 @@
   Read an env's gate and buffer state without counting a trigger.
 
   Input:
-    KEYS[1] gate hash    KEYS[2] policy hash   KEYS[3] queue zset
-    KEYS[4] lease zset   KEYS[5] retry zset    KEYS[6] failed zset
+    KEYS[1] gate hash    KEYS[2] policy hash   KEYS[3] queue list
+    KEYS[4] back zset    KEYS[5] lease zset    KEYS[6] retry zset
+    KEYS[7] failed zset
     ARGV[1] default threshold  ARGV[2] default window (ms)  ARGV[3] default hold (ms)
 
   Output: { windowCount, threshold, trippedUntilMs, queued, draining, failed,
@@ -24,5 +25,6 @@ local windowCount, threshold, trippedUntil =
 local _, window, hold = gate_policy(policyKey, defThreshold, defWindow, defHold)
 local o = rcall("HMGET", policyKey, "threshold", "window_ms", "hold_ms")
 return { windowCount, threshold, trippedUntil,
-  rcall("ZCARD", KEYS[3]), rcall("ZCARD", KEYS[4]), rcall("ZCARD", KEYS[6]), rcall("ZCARD", KEYS[5]),
+  rcall("LLEN", KEYS[3]) + rcall("ZCARD", KEYS[4]), rcall("ZCARD", KEYS[5]), rcall("ZCARD", KEYS[7]),
+  rcall("ZCARD", KEYS[6]),
   o[1] or "", o[2] or "", o[3] or "", window, hold }

@@ -6,9 +6,10 @@
   Input:
     KEYS[1] gate hash      mf:{env}:gate
     KEYS[2] policy hash    mf:{env}:policy
-    KEYS[3] queue zset     mf:{env}:q
-    KEYS[4] lease zset     mf:{env}:lease
-    KEYS[5] retry zset     mf:{env}:retry
+    KEYS[3] queue list     mf:{env}:ql
+    KEYS[4] back zset      mf:{env}:qb
+    KEYS[5] lease zset     mf:{env}:lease
+    KEYS[6] retry zset     mf:{env}:retry
 
     ARGV[1] default threshold (triggers per window)
     ARGV[2] default window (ms)
@@ -26,7 +27,7 @@
 ]]
 local rcall = redis.call
 local gateKey, policyKey = KEYS[1], KEYS[2]
-local queueKey, leaseKey, retryKey = KEYS[3], KEYS[4], KEYS[5]
+local queueKey, backKey, leaseKey, retryKey = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 
 --- @include "includes/time"
 --- @include "includes/gate"
@@ -36,7 +37,7 @@ local now = now_ms()
 local n = math.max(tonumber(ARGV[5]) or 1, 1)
 local threshold, counts, untils, trips =
   gate_window_many(gateKey, policyKey, now, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), n)
-local backlog = gate_backlog(queueKey, leaseKey, retryKey)
+local backlog = gate_backlog(queueKey, backKey, leaseKey, retryKey)
 local shadow = ARGV[4] == "1"
 local out = {}
 for i = 1, n do

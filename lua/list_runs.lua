@@ -1,32 +1,48 @@
 --[[
   One page of an env's buffered runs (queued, leased, backing off, failed) in
-  arrival order, after a cursor. Queued runs are read by score from the queue;
-  the leased, retrying and failed sets are small and are merged in by each
-  entry's arrival score.
+  arrival order, after a cursor. Queued runs are read in order from the queue
+  (its `back` set by score, then the LIST from the first run after the cursor,
+  found by binary search: includes/queue); the leased, retrying and failed
+  sets are small and are merged in by each entry's arrival score.
 
   Input:
-    KEYS[1] queue zset  KEYS[2] lease zset  KEYS[3] retry zset  KEYS[4] failed zset
+    KEYS[1] queue list  KEYS[2] back zset  KEYS[3] lease zset
+    KEYS[4] retry zset  KEYS[5] failed zset  KEYS[6] runs hash
     ARGV[1] cursor: arrival score of the last run of the previous page (0 at first)
     ARGV[2] how many runs at most
-    ARGV[3] run hash key prefix, mf:{env}:run:
 
   Output: { {runId, arrivalScore, entryView}, ... } in arrival order, where
-  entryView is HMGET of s st ca at le cx cr du v
+  entryView is s st ca at le cx cr du v
 ]]
 local rcall = redis.call
-local queueKey = KEYS[1]
-local cursor, limit, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local queueKey, backKey, runsKey = KEYS[1], KEYS[2], KEYS[6]
+local cursor, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+
+--- @include "includes/entry"
+--- @include "includes/queue"
 
 local found = {}
-local q = rcall("ZRANGEBYSCORE", queueKey, "(" .. ARGV[1], "+inf", "WITHSCORES", "LIMIT", 0, limit)
-for i = 1, #q, 2 do
-  found[#found + 1] = { q[i], tonumber(q[i + 1]) }
+local entries = {}
+local back = rcall("ZRANGEBYSCORE", backKey, "(" .. ARGV[1], "+inf", "WITHSCORES", "LIMIT", 0, limit)
+for i = 1, #back, 2 do
+  found[#found + 1] = { back[i], tonumber(back[i + 1]) }
 end
-for i = 2, 4 do
+if #found < limit then
+  local from = queue_first_after(queueKey, runsKey, cursor)
+  for _, runId in ipairs(rcall("LRANGE", queueKey, from, from + limit - #found - 1)) do
+    local e = entry_get(runsKey, runId)
+    if e and e[E_SC] then
+      entries[runId] = e
+      found[#found + 1] = { runId, e[E_SC] }
+    end
+  end
+end
+for i = 3, 5 do
   for _, runId in ipairs(rcall("ZRANGE", KEYS[i], 0, -1)) do
-    local sc = tonumber(rcall("HGET", prefix .. runId, "sc"))
-    if sc and sc > cursor then
-      found[#found + 1] = { runId, sc }
+    local e = entry_get(runsKey, runId)
+    if e and e[E_SC] and e[E_SC] > cursor then
+      entries[runId] = e
+      found[#found + 1] = { runId, e[E_SC] }
     end
   end
 end
@@ -35,7 +51,7 @@ table.sort(found, function(x, y) return x[2] < y[2] end)
 local out = {}
 for i = 1, math.min(limit, #found) do
   local runId = found[i][1]
-  out[i] = { runId, found[i][2],
-    rcall("HMGET", prefix .. runId, "s", "st", "ca", "at", "le", "cx", "cr", "du", "v") }
+  local e = entries[runId] or entry_get(runsKey, runId)
+  out[i] = { runId, found[i][2], entry_view(e) }
 end
 return out

@@ -18,7 +18,7 @@
   nothing, even when two copies of the call run at once.
 
   Input:
-    KEYS[1] run hash      mf:{env}:run:<run_id>
+    KEYS[1] runs hash     mf:{env}:runs
     KEYS[2] request key   mf:{env}:req:<request_id>
     KEYS[3] binding       mf:{env}:idem:<task>:<key>  (any key of the slot when unused)
 
@@ -27,10 +27,12 @@
     ARGV[3] the answer to keep under KEYS[2] ("" keeps none)
     ARGV[4] how long to keep the answer (ms)
     ARGV[5] "1" to write the change, "0" to only keep the answer (a no-op call)
-    ARGV[6] the new snapshot (protobuf bytes), "" to keep the current one
+    ARGV[6] the new snapshot (protobuf bytes, without run_id and env_id), ""
+            to keep the current one
     ARGV[7] "1" to free the idempotency key: DEL KEYS[3] when it is bound to
             this run, and clear the entry's `ik`
-    ARGV[8], ARGV[9] ... field / value pairs to HSET on the entry (cx, cr, du)
+    ARGV[8], ARGV[9] ... field / value pairs to set on the entry (cx, cr, du;
+            cx and du are numbers)
 
   Output:
     { 1, newVersion }   APPLIED
@@ -41,7 +43,7 @@
     { 6, state }        DAMAGED: an unknown state
 ]]
 local rcall = redis.call
-local runKey, requestKey, bindingKey = KEYS[1], KEYS[2], KEYS[3]
+local runsKey, requestKey, bindingKey = KEYS[1], KEYS[2], KEYS[3]
 local expected, runId, answer, answerTtl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local write, snapshot, unbind = ARGV[5] == "1", ARGV[6], ARGV[7] == "1"
 
@@ -50,7 +52,10 @@ if kept then
   return { 2, kept }
 end
 
-local f = rcall("HMGET", runKey, "st", "v")
+--- @include "includes/entry"
+
+local e = entry_get(runsKey, runId)
+local f = e and { e[E_ST], e[E_V] } or {}
 if not f[1] then
   return { 4 }
 end
@@ -60,25 +65,37 @@ end
 if f[1] ~= "Q" and f[1] ~= "F" then
   return { 6, f[1] }
 end
-if (f[2] or "0") ~= expected then
-  return { 3, f[2] or "0" }
+-- Compared as text, as the caller read it: a version is an integer.
+local current = string.format("%d", tonumber(f[2]) or 0)
+if current ~= expected then
+  return { 3, current }
 end
 
 local version = tonumber(f[2]) or 0
+local NUMERIC = { cx = true, du = true }
 if write then
   if snapshot ~= "" then
-    rcall("HSET", runKey, "s", snapshot)
+    e[E_S] = snapshot
   end
   for i = 8, #ARGV, 2 do
-    rcall("HSET", runKey, ARGV[i], ARGV[i + 1])
+    local name = ARGV[i]
+    local value = ARGV[i + 1]
+    if NUMERIC[name] then
+      value = tonumber(value) or 0
+    elseif value == "" then
+      value = false
+    end
+    e[E_POS[name]] = value
   end
   if unbind then
     if rcall("GET", bindingKey) == runId then
       rcall("DEL", bindingKey)
     end
-    rcall("HSET", runKey, "ik", "")
+    e[E_IK] = false
   end
-  version = rcall("HINCRBY", runKey, "v", 1)
+  version = version + 1
+  e[E_V] = version
+  entry_put(runsKey, runId, e)
 end
 if answer ~= "" then
   rcall("SET", requestKey, answer, "PX", answerTtl)

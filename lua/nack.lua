@@ -13,7 +13,7 @@
     KEYS[2] retry zset    mf:{env}:retry
     KEYS[3] failed zset   mf:{env}:failed
 
-    ARGV[1] run hash key prefix, mf:{env}:run:
+    ARGV[1] runs hash     mf:{env}:runs
     ARGV[2] lease token
     ARGV[3] delay (ms); 0 = exponential backoff: base * 2^(attempts-1), capped
     ARGV[4] backoff base (ms)
@@ -27,27 +27,27 @@
 ]]
 local rcall = redis.call
 local leaseKey, retryKey, failedKey = KEYS[1], KEYS[2], KEYS[3]
-local prefix, token = ARGV[1], ARGV[2]
+local runsKey, token = ARGV[1], ARGV[2]
 local delay, base, cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local maxAttempts, dead, err = tonumber(ARGV[6]), ARGV[7] == "1", ARGV[8]
 
 --- @include "includes/time"
+--- @include "includes/entry"
 
 local now = now_ms()
 local requeued, deadLettered, rejected = 0, 0, {}
 for i = 9, #ARGV do
   local runId = ARGV[i]
-  local runKey = prefix .. runId
-  local f = rcall("HMGET", runKey, "st", "lt", "at")
-  if f[1] == "D" and f[2] == token then
-    local at = tonumber(f[3]) or 0
+  local e = entry_get(runsKey, runId)
+  if e and e[E_ST] == "D" and e[E_LT] == token then
+    local at = tonumber(e[E_AT]) or 0
     rcall("ZREM", leaseKey, runId)
-    rcall("HDEL", runKey, "lt", "ld")
+    e[E_LT] = false
     if err ~= "" then
-      rcall("HSET", runKey, "le", err)
+      e[E_LE] = err
     end
     if dead or at >= maxAttempts then
-      rcall("HSET", runKey, "st", "F")
+      e[E_ST] = "F"
       rcall("ZADD", failedKey, now, runId)
       deadLettered = deadLettered + 1
     else
@@ -55,11 +55,12 @@ for i = 9, #ARGV do
       if wait <= 0 then
         wait = math.min(cap, base * 2 ^ math.max(0, at - 1))
       end
-      rcall("HSET", runKey, "st", "Q")
+      e[E_ST] = "Q"
       rcall("ZADD", retryKey, now + wait, runId)
       requeued = requeued + 1
     end
-    rcall("HINCRBY", runKey, "v", 1)
+    e[E_V] = (tonumber(e[E_V]) or 0) + 1
+    entry_put(runsKey, runId, e)
   else
     rejected[#rejected + 1] = runId
   end

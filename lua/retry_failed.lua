@@ -6,11 +6,11 @@
   and a repeat returns it without moving anything.
 
   Input:
-    KEYS[1] queue zset    mf:{env}:q
+    KEYS[1] back zset     mf:{env}:qb (the queue's returned runs, includes/queue)
     KEYS[2] failed zset   mf:{env}:failed
     KEYS[3] request key   mf:{env}:req:<request_id> (any key of the slot when none)
 
-    ARGV[1] run hash key prefix, mf:{env}:run:
+    ARGV[1] runs hash     mf:{env}:runs
     ARGV[2] "1" when a request id was given (KEYS[3] is then used)
     ARGV[3] "1" to retry every failed run of the env (ARGV[4..] ignored)
     ARGV[4] ... run ids
@@ -18,8 +18,10 @@
   Output: retried count (the stored count on a repeated request id)
 ]]
 local rcall = redis.call
-local queueKey, failedKey, requestKey = KEYS[1], KEYS[2], KEYS[3]
-local prefix, hasRequest, all = ARGV[1], ARGV[2] == "1", ARGV[3] == "1"
+local backKey, failedKey, requestKey = KEYS[1], KEYS[2], KEYS[3]
+local runsKey, hasRequest, all = ARGV[1], ARGV[2] == "1", ARGV[3] == "1"
+
+--- @include "includes/entry"
 
 if hasRequest then
   local stored = rcall("GET", requestKey)
@@ -40,16 +42,16 @@ end
 local retried = 0
 for _, runId in ipairs(ids) do
   if rcall("ZSCORE", failedKey, runId) then
-    local runKey = prefix .. runId
-    local sc = rcall("HGET", runKey, "sc")
-    if sc then
+    local e = entry_get(runsKey, runId)
+    if e and e[E_SC] then
       rcall("ZREM", failedKey, runId)
-      rcall("HSET", runKey, "st", "Q", "at", 0)
-      rcall("HINCRBY", runKey, "v", 1)
-      rcall("ZADD", queueKey, sc, runId)
+      e[E_ST], e[E_AT] = "Q", 0
+      e[E_V] = (tonumber(e[E_V]) or 0) + 1
+      entry_put(runsKey, runId, e)
+      rcall("ZADD", backKey, e[E_SC], runId)
       retried = retried + 1
-    elseif rcall("EXISTS", runKey) == 0 then
-      -- A reference to nothing: dropped. A hash without its queue place
+    elseif not e then
+      -- A reference to nothing: dropped. An entry without its queue place
       -- (damaged) stays in the failed set, readable, rather than in no set.
       rcall("ZREM", failedKey, runId)
     end

@@ -8,18 +8,19 @@
   Input:
     KEYS[1] gate hash     mf:{env}:gate
     KEYS[2] policy hash   mf:{env}:policy
-    KEYS[3] queue zset    mf:{env}:q
-    KEYS[4] lease zset    mf:{env}:lease
-    KEYS[5] retry zset    mf:{env}:retry
-    KEYS[6] failed zset   mf:{env}:failed
-    KEYS[7] env hash      mf:{env}:env
-    KEYS[8] run hash      mf:{env}:run:<run_id>
-    KEYS[9] binding       mf:{env}:idem:<task>:<key>  (any key of the slot when no key)
+    KEYS[3] queue list    mf:{env}:ql
+    KEYS[4] back zset     mf:{env}:qb
+    KEYS[5] lease zset    mf:{env}:lease
+    KEYS[6] retry zset    mf:{env}:retry
+    KEYS[7] failed zset   mf:{env}:failed
+    KEYS[8] env hash      mf:{env}:env
+    KEYS[9] runs hash     mf:{env}:runs
+    KEYS[10] binding      mf:{env}:idem:<task>:<key>  (any key of the slot when no key)
 
     ARGV[1]  default threshold       ARGV[2]  default window (ms)
     ARGV[3]  default hold (ms)       ARGV[4]  shadow mode "1" / "0"
     ARGV[5]  run id                  ARGV[6]  org id
-    ARGV[7]  snapshot (protobuf)     ARGV[8]  "<task>:<key>" or ""
+    ARGV[7]  snapshot (protobuf, no ids)     ARGV[8]  "<task>:<key>" or ""
     ARGV[9]  binding expires at (ms), 0 = none while buffered
     ARGV[10] capacity of the env     ARGV[11] "1" when the whole buffer is full
     ARGV[12] delay_until (ms), 0 for none
@@ -43,11 +44,12 @@ local rcall = redis.call
 --- @include "includes/time"
 --- @include "includes/gate"
 --- @include "includes/entry"
+--- @include "includes/queue"
+--- @include "includes/accept"
 
 local k = {
-  gate = KEYS[1], policy = KEYS[2], queue = KEYS[3], lease = KEYS[4], retry = KEYS[5],
-  failed = KEYS[6], env = KEYS[7], run = KEYS[8], idem = KEYS[9],
-  runPrefix = string.sub(KEYS[8], 1, #KEYS[8] - #ARGV[5]),
+  gate = KEYS[1], policy = KEYS[2], queue = KEYS[3], back = KEYS[4], lease = KEYS[5],
+  retry = KEYS[6], failed = KEYS[7], env = KEYS[8], runs = KEYS[9], idem = KEYS[10],
 }
 local a = {
   runId = ARGV[5], orgId = ARGV[6], snapshot = ARGV[7], idem = ARGV[8],
@@ -65,7 +67,7 @@ if forced == 0 then
   local tripped
   windowCount, threshold, trippedUntil, tripped =
     gate_window(k.gate, k.policy, now, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), true)
-  local backlog = gate_backlog(k.queue, k.lease, k.retry)
+  local backlog = gate_backlog(k.queue, k.back, k.lease, k.retry)
   decision, reason = gate_decide(tripped, backlog, ARGV[4] == "1")
 end
 
@@ -76,12 +78,13 @@ if decision ~= DECISION_MOLLIFY then
     -- Bound to this very run: a retry of a direct write; not a duplicate.
     if bound and bound ~= a.runId then
       return { decision, reason, windowCount, threshold, trippedUntil,
-        RESULT_DUP_IDEM, bound, 0, entry_view(k.runPrefix .. bound) }
+        RESULT_DUP_IDEM, bound, 0, entry_view(entry_get(k.runs, bound)) }
     end
   end
-  if rcall("EXISTS", k.run) == 1 then
+  local existing = entry_get(k.runs, a.runId)
+  if existing then
     return { decision, reason, windowCount, threshold, trippedUntil,
-      RESULT_DUP_RUN, a.runId, 0, entry_view(k.run) }
+      RESULT_DUP_RUN, a.runId, 0, entry_view(existing) }
   end
   if writeThrough and a.idem ~= "" then
     if a.idemExpiresAt == 0 then

@@ -30,6 +30,8 @@ from mollifier_client.v1 import (
     run_pb2,
 )
 
+from tests.entries import env_depth, set_members
+
 OK_DECISIONS = (
     gate_pb2.DECISION_PASS_THROUGH,
     gate_pb2.DECISION_SHADOW_LOG,
@@ -211,9 +213,7 @@ def rows(database_url: str, run_ids: Sequence[str] | None = None) -> dict[str, i
 async def buffer_depth(redis: Any, envs: Sequence[str]) -> int:
     total = 0
     for env in envs:
-        k = env_keys(env)
-        for key in (k.queue, k.lease, k.retry, k.failed):
-            total += int(await redis.zcard(key))
+        total += await env_depth(redis, env)
     return total
 
 
@@ -235,17 +235,10 @@ def assert_exactly_once(database_url: str, acked: set[str]) -> None:
 
 
 async def assert_buffer_consistent(redis: Any, envs: Sequence[str]) -> None:
-    """Every run hash is in exactly one of queue/lease/retry/failed and back."""
+    """Every entry is in exactly one of queue/back/lease/retry/failed and back."""
     for env in envs:
-        k = env_keys(env)
-        where: dict[str, list[str]] = {}
-        for name, key in (("q", k.queue), ("l", k.lease), ("r", k.retry), ("f", k.failed)):
-            for member in await redis.zrange(key, 0, -1):
-                where.setdefault(member.decode(), []).append(name)
-        hashes = {
-            raw.decode()[len(k.run_prefix) :]
-            async for raw in redis.scan_iter(match=k.run_prefix + "*", count=1000)
-        }
+        where = await set_members(redis, env)
+        hashes = {raw.decode() for raw in await redis.hkeys(env_keys(env).runs)}
         doubled = {r: w for r, w in where.items() if len(w) > 1}
         assert not doubled, f"{env}: runs in two sets: {doubled}"
         assert set(where) == hashes, (

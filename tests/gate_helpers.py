@@ -14,6 +14,8 @@ from mollifier.config import Settings
 from mollifier.keys import env_keys
 from mollifier_client.v1 import gate_pb2, run_pb2
 
+from tests import entries
+
 ENABLED = {"mollifierEnabled": True}
 
 _envs = itertools.count(1)
@@ -121,5 +123,4 @@ async def env_key_dump(redis: aioredis.Redis, env_id: str) -> dict[bytes, bytes]
 
 
 async def queue_ids(redis: aioredis.Redis, env_id: str) -> list[str]:
-    raw = await redis.zrange(env_keys(env_id).queue, 0, -1)
-    return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
+    return await entries.queue_ids(redis, env_id)

@@ -10,10 +10,12 @@ import pytest
 import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
 from mollifier.app import App
+from mollifier.codec import full_snapshot
 from mollifier.errors import DamagedEntry, InvalidArgument, NotFound, ResourceExhausted
 from mollifier.keys import env_keys
 from mollifier_client.v1 import buffer_pb2, gate_pb2, run_pb2
 
+from tests.entries import read_entry, set_entry
 from tests.gate_helpers import (
     env_key_dump,
     evaluate_request,
@@ -213,11 +215,11 @@ async def test_total_capacity(redis_url: str, redis_client: aioredis.Redis) -> N
         )
         assert t.run is None
         assert await queue_ids(redis_client, c) == []
-        assert await redis_client.exists(env_keys(c).run("run_c1")) == 0
+        assert not await redis_client.hexists(env_keys(c).runs, "run_c1")
         assert await redis_client.dbsize() >= before
 
         # Room again once runs leave the buffer.
-        await redis_client.zrem(env_keys(a).queue, "run_a0", "run_a1")
+        await redis_client.lpop(env_keys(a).queue, 2)
         assert await app.buffer.refresh_total() == 3
         assert not app.buffer.total_full
         assert (await app.buffer.accept(snapshot(c, "run_c0", org_id="org_c"))).result == ACCEPTED
@@ -234,15 +236,14 @@ async def test_get_run_scoped_by_env(app: App) -> None:
 
 async def test_get_run_states(app: App, redis_client: aioredis.Redis) -> None:
     env = new_env()
-    k = env_keys(env)
     await app.buffer.accept(snapshot(env, "run_1"))
-    await redis_client.hset(k.run("run_1"), mapping={"st": "D", "at": 2, "le": "boom"})
+    await set_entry(redis_client, env, "run_1", st="D", at=2, le="boom")
     got = await app.buffer.get_run(env, "run_1")
     assert (got.status, got.attempts, got.last_error) == (run_pb2.RUN_STATUS_DRAINING, 2, "boom")
-    await redis_client.hset(k.run("run_1"), "st", "F")
+    await set_entry(redis_client, env, "run_1", st="F")
     assert (await app.buffer.get_run(env, "run_1")).status == run_pb2.RUN_STATUS_FAILED
     now = await redis_now_ms(redis_client)
-    await redis_client.hset(k.run("run_1"), mapping={"st": "Q", "cx": now, "cr": "user"})
+    await set_entry(redis_client, env, "run_1", st="Q", cx=now, cr="user")
     got = await app.buffer.get_run(env, "run_1")
     assert (got.status, got.cancel_reason) == (run_pb2.RUN_STATUS_CANCELED, "user")
     assert got.canceled_at.ToMilliseconds() == now
@@ -262,9 +263,8 @@ async def test_damaged_entry_is_reported_never_passed_on(
     app: App, field: str, value: bytes, redis_client: aioredis.Redis
 ) -> None:
     env = new_env()
-    k = env_keys(env)
     await app.buffer.accept(snapshot(env, "run_ok", idempotency_key="k"))
-    await redis_client.hset(k.run("run_ok"), field, value)
+    await set_entry(redis_client, env, "run_ok", **{field: value})
     with pytest.raises(DamagedEntry):
         await app.buffer.get_run(env, "run_ok")
     with pytest.raises(DamagedEntry):
@@ -274,13 +274,14 @@ async def test_damaged_entry_is_reported_never_passed_on(
 
 
 async def test_snapshot_of_another_run_is_damaged(app: App, redis_client: aioredis.Redis) -> None:
+    """The buffer keeps snapshots without their ids; one that holds ids (written
+    by something else, or by an older sidecar) must hold this run's."""
     env = new_env()
-    k = env_keys(env)
     await app.buffer.accept(snapshot(env, "run_1"))
     await app.buffer.accept(snapshot(env, "run_2"))
-    other = await redis_client.hget(k.run("run_2"), "s")
+    other = await read_entry(redis_client, env, "run_2")
     assert other is not None
-    await redis_client.hset(k.run("run_1"), "s", other)
+    await set_entry(redis_client, env, "run_1", s=full_snapshot(env, "run_2", other["s"]))
     with pytest.raises(DamagedEntry):
         await app.buffer.get_run(env, "run_1")
 
@@ -296,14 +297,12 @@ async def test_list_runs_pages_cover_every_run_once_in_order(
             await app.buffer.accept(snapshot(env, run_id))
         # Some runs are leased, one dead-lettered: still listed in arrival order.
         for run_id in ("run_002", "run_010"):
-            score = await redis_client.zscore(k.queue, run_id)
-            await redis_client.zrem(k.queue, run_id)
+            assert await redis_client.lrem(k.queue, 0, run_id) == 1
             await redis_client.zadd(k.lease, {run_id: 1})
-            await redis_client.hset(k.run(run_id), "st", "D")
-            assert score is not None
-        await redis_client.zrem(k.queue, "run_015")
+            await set_entry(redis_client, env, run_id, st="D")
+        assert await redis_client.lrem(k.queue, 0, "run_015") == 1
         await redis_client.zadd(k.failed, {"run_015": 1})
-        await redis_client.hset(k.run("run_015"), "st", "F")
+        await set_entry(redis_client, env, "run_015", st="F")
 
         seen: list[str] = []
         token = ""

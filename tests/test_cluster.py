@@ -28,6 +28,7 @@ from mollifier_client.v1 import (
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError
 
+from tests.entries import env_depth
 from tests.fault_helpers import assert_exactly_once
 from tests.plugins.cluster import LocalCluster
 
@@ -68,9 +69,7 @@ async def _drained(app: App, within: float = 60) -> None:
         depth = 0
         try:
             for env in ENVS:
-                k = env_keys(env)
-                for key in (k.queue, k.lease, k.retry, k.failed):
-                    depth += int(await app.redis.zcard(key))
+                depth += await env_depth(app.redis, env)
         except ConnectionError as exc:  # redis's, mid-failover: look again
             depth = -1
             print("poll failed:", exc)

@@ -19,6 +19,8 @@ from mollifier.keys import DRAIN_PAUSED, INDEX_ORGS, env_keys, org_envs_key
 from mollifier.materializer import Entry, materialize_batch
 from mollifier_client.v1 import drain_pb2, mutate_pb2, run_pb2
 
+from tests.entries import env_depth, queue_ids, queue_scores, read_entry, set_entry
+
 _ids = itertools.count(1)
 
 
@@ -73,11 +75,7 @@ async def pg_rows(app: App, where: str = "true", params: tuple[Any, ...] = ()) -
 
 
 async def buffered(app: App, env: str) -> int:
-    k = env_keys(env)
-    total = 0
-    for key in (k.queue, k.lease, k.retry, k.failed):
-        total += int(await app.redis.zcard(key))
-    return total
+    return await env_depth(app.redis, env)
 
 
 async def drain_until_empty(d: Drainer, limit: int = 500) -> int:
@@ -113,7 +111,7 @@ async def test_drains_everything_and_get_run_switches_source(app: App) -> None:
     await asyncio.sleep(1.05)
     await d.tick()
     assert await app.redis.smembers(INDEX_ORGS) == set()
-    assert await app.redis.keys("mf:{env_0}:run:*") == []
+    assert await app.redis.hlen(env_keys("env_0").runs) == 0
 
 
 async def test_heavy_org_and_light_org_drain_one_to_one(app: App) -> None:
@@ -202,7 +200,7 @@ async def test_cancelled_and_batch_fields_carried(app: App) -> None:
     s = snap("env_c", "org_1", batch_id="batch_9", batch_index=4)
     await fill(app, [s])
     # Cancelled while buffered (what MutateService's cancel does to the entry).
-    await app.redis.hset(env_keys("env_c").run(s.run_id), mapping={"cx": now_ms(), "cr": "nope"})
+    await set_entry(app.redis, "env_c", s.run_id, cx=now_ms(), cr="nope")
     await drain_until_empty(drainer(app))
     run = await app.buffer.get_run("env_c", s.run_id)
     assert run.status == run_pb2.RUN_STATUS_CANCELED and run.cancel_reason == "nope"
@@ -319,10 +317,9 @@ async def test_stale_sweep_and_index_repair(app: App) -> None:
     await fill(app, (snap("env_old", "org_o") for _ in range(4)))
     d = drainer(app, stale_after_ms=1000)
     assert await d.sweep_stale() == 0
-    # Age the entries: move their scores an hour back.
-    k = env_keys("env_old")
-    members = await app.redis.zrange(k.queue, 0, -1, withscores=True)
-    await app.redis.zadd(k.queue, {m: s - 3_600_000_000 for m, s in members})
+    # Age the entries: move their arrival scores an hour back.
+    for run_id, score in await queue_scores(app.redis, "env_old"):
+        await set_entry(app.redis, "env_old", run_id, sc=score - 3_600_000_000)
     assert await d.sweep_stale() == 4
     # The index lost the env (e.g. a cluster write that never happened).
     await app.redis.delete(org_envs_key("org_o"), INDEX_ORGS)
@@ -387,7 +384,7 @@ async def test_cancel_of_a_requeued_run_wins_over_its_committed_row(app: App) ->
     # ... the lease ran out, the run is queued again, and is cancelled there.
     reclaim = await d.lease_env("env_cx", 0, 300, "nobody")
     assert reclaim.reclaimed == 1 and batch.runs[0].run_id == s.run_id
-    await app.redis.hset(env_keys("env_cx").run(s.run_id), mapping={"cx": now_ms(), "cr": "late"})
+    await set_entry(app.redis, "env_cx", s.run_id, cx=now_ms(), cr="late")
     await drain_until_empty(d)
     run = await app.buffer.get_run("env_cx", s.run_id)
     assert run.source == run_pb2.RUN_SOURCE_POSTGRES
@@ -460,7 +457,7 @@ async def test_an_ack_naming_a_run_twice_acks_it_once(app: App) -> None:
     assert (acked, rejected) == (3, [ids[0]])
     assert await buffered(app, "env_twice") == 0
     k = env_keys("env_twice")
-    assert [await app.redis.exists(k.run(i)) for i in ids] == [0, 0, 0]
+    assert [await app.redis.hexists(k.runs, i) for i in ids] == [False, False, False]
 
 
 async def test_a_lease_writes_state_token_and_attempts_and_a_reclaim_raises_the_version(
@@ -472,28 +469,31 @@ async def test_a_lease_writes_state_token_and_attempts_and_a_reclaim_raises_the_
     compare-and-set against a version read before the lease still fails."""
     (run_id,) = await fill(app, [snap("env_lv", "org_1")])
     k = env_keys("env_lv")
-    before = await app.redis.hgetall(k.run(run_id))
+    before = await read_entry(app.redis, "env_lv", run_id)
+    assert before is not None
     d = drainer(app)
     batch = await d.lease_env("env_lv", 10, 200, "tok-lv")
-    leased = await app.redis.hgetall(k.run(run_id))
-    assert (leased[b"st"], leased[b"lt"], leased[b"at"]) == (b"D", b"tok-lv", b"1")
-    assert b"ld" not in leased
-    assert {f: v for f, v in leased.items() if f not in (b"st", b"lt", b"at")} == {
-        f: v for f, v in before.items() if f not in (b"st", b"at")
+    leased = await read_entry(app.redis, "env_lv", run_id)
+    assert leased is not None
+    assert (leased["st"], leased["lt"], leased["at"]) == (b"D", b"tok-lv", 1)
+    assert {f: v for f, v in leased.items() if f not in ("st", "lt", "at")} == {
+        f: v for f, v in before.items() if f not in ("st", "at")
     }
     deadline = await app.redis.zscore(k.lease, run_id)
     assert deadline is not None and int(deadline) == batch.deadline_ms
     await asyncio.sleep(0.25)
     reclaim = await d.lease_env("env_lv", 0, 200, "nobody")
     assert reclaim.reclaimed == 1
-    back = await app.redis.hgetall(k.run(run_id))
-    assert back[b"st"] == b"Q" and b"lt" not in back
-    assert int(back[b"v"]) > int(before[b"v"])
+    back = await read_entry(app.redis, "env_lv", run_id)
+    assert back is not None
+    assert back["st"] == b"Q" and "lt" not in back
+    assert back["v"] > before["v"]
     # Leased and nacked: the version is raised on the way back too.
     again = await d.lease_env("env_lv", 10, 30_000, "tok-lv2")
     assert again.runs[0].attempts == 2
     await d.nack_env("env_lv", "tok-lv2", [run_id], delay_ms=60_000)
-    assert int(await app.redis.hget(k.run(run_id), "v")) > int(back[b"v"])
+    again_entry = await read_entry(app.redis, "env_lv", run_id)
+    assert again_entry is not None and again_entry["v"] > back["v"]
 
 
 async def test_the_loop_drains_while_an_index_repair_is_running(
@@ -638,37 +638,39 @@ async def test_a_damaged_field_dead_letters_its_run_alone(app: App) -> None:
     good = [snap("env_dmg", "org_dmg") for _ in range(5)]
     await fill(app, [bad, *good], at_once=1)
     k = env_keys("env_dmg")
-    await app.redis.hset(k.run(bad.run_id), "ca", "garbage")
+    await set_entry(app.redis, "env_dmg", bad.run_id, ca="garbage")
     await drain_until_empty(drainer(app))
     assert sorted(r[0] for r in await pg_rows(app, "env_id = 'env_dmg'")) == sorted(
         g.run_id for g in good
     )
     assert [m.decode() for m in await app.redis.zrange(k.failed, 0, -1)] == [bad.run_id]
-    assert b"damaged" in (await app.redis.hget(k.run(bad.run_id), "le") or b"")
+    entry = await read_entry(app.redis, "env_dmg", bad.run_id)
+    assert entry is not None and b"damaged" in entry.get("le", b"")
 
 
-async def test_a_hash_missing_what_the_drain_needs_is_dead_lettered_not_dropped(
+async def test_an_entry_missing_what_the_drain_needs_is_dead_lettered_not_dropped(
     app: App,
 ) -> None:
-    """A hash without its snapshot (or its queue place) cannot be drained: it
+    """An entry without its snapshot (or its queue place) cannot be drained: it
     goes to the failed set, readable, instead of into no set at all; and
     RetryFailed leaves one without its queue place there."""
     no_snapshot, no_place = snap("env_hole", "org_hole"), snap("env_hole", "org_hole")
     await fill(app, [no_snapshot, no_place], at_once=1)
     k = env_keys("env_hole")
-    await app.redis.hdel(k.run(no_snapshot.run_id), "s")
+    await set_entry(app.redis, "env_hole", no_snapshot.run_id, s=None)
     d = drainer(app, drain_lease_ms=200)
     # The second is leased, then loses its queue place while leased; its
-    # lease runs out and the reclaim finds the hash without it.
+    # lease runs out and the reclaim finds the entry without it.
     batch = await d.lease_env("env_hole", 10, 200, "tok")
     assert [r.run_id for r in batch.runs] == [no_place.run_id]
-    await app.redis.hdel(k.run(no_place.run_id), "sc")
+    await set_entry(app.redis, "env_hole", no_place.run_id, sc=None)
     await asyncio.sleep(0.3)
     await d.lease_env("env_hole", 10, 200, "tok2")
     failed = {m.decode() for m in await app.redis.zrange(k.failed, 0, -1)}
     assert failed == {no_snapshot.run_id, no_place.run_id}
     for run_id in failed:
-        assert await app.redis.hget(k.run(run_id), "st") == b"F"
+        entry = await read_entry(app.redis, "env_hole", run_id)
+        assert entry is not None and entry["st"] == b"F"
     listed, _ = await d.list_failed("env_hole")
     assert {r.run_id: r.status for r in listed} == {
         no_snapshot.run_id: run_pb2.RUN_STATUS_FAILED,
@@ -696,7 +698,7 @@ async def test_a_run_committed_on_its_last_attempt_before_a_crash_is_not_left_fa
     await drain_until_empty(d)
     k = env_keys("env_last")
     assert await app.redis.zcard(k.failed) == 0
-    assert not await app.redis.exists(k.run(s.run_id))
+    assert not await app.redis.hexists(k.runs, s.run_id)
     got = await app.buffer.get_run("env_last", s.run_id)
     assert got.source == run_pb2.RUN_SOURCE_POSTGRES
     # One out of attempts without a row stays dead-lettered.
@@ -717,3 +719,64 @@ async def test_close_returns_while_the_depth_refresh_is_busy(settings: Settings)
     await asyncio.sleep(0.3)  # the refresh now walks 20,000 orgs, one call each
     await asyncio.wait_for(a.close(grace=1), 15)
     assert all(t.done() for t in a._tasks) or not a._tasks
+
+
+async def test_runs_buffered_in_the_old_layout_are_moved_and_drained_once(app: App) -> None:
+    """The earlier layout kept a hash per run and the queue as a ZSET. The
+    drainer moves such runs into the current layout when it starts: queued ones
+    are leased before anything queued since, a dead letter stays one, a leased
+    one keeps its lease until it runs out, and every run becomes one row."""
+    env, org = "env_old_layout", "org_ol"
+    k = env_keys(env)
+    tag = k.tag
+    now = now_ms()
+    old = [snap(env, org) for _ in range(5)]
+    fresh = snap(env, org)
+
+    async def put_old(i: int, s: run_pb2.RunSnapshot, state: str, **more: Any) -> int:
+        score = (now - 60_000) * 1000 + i
+        fields: dict[str, Any] = {
+            "s": s.SerializeToString(), "st": state, "sc": score, "ca": now - 60_000,
+            "org": org, "du": 0, "ik": "", "at": 0, "v": score, **more,
+        }  # fmt: skip
+        await app.redis.hset(f"{tag}:run:{s.run_id}", mapping=fields)
+        return score
+
+    for i, s in enumerate(old[:3]):
+        await app.redis.zadd(f"{tag}:q", {s.run_id: await put_old(i, s, "Q")})
+    await put_old(3, old[3], "F", le="boom", at=3)
+    await app.redis.zadd(k.failed, {old[3].run_id: now - 1000})
+    await put_old(4, old[4], "D", lt="gone-holder", at=1)
+    await app.redis.zadd(k.lease, {old[4].run_id: now - 1})  # its holder is gone
+    await app.redis.hset(k.env, mapping={"org": org, "ls": now * 1000})
+    await app.redis.sadd(org_envs_key(org), env)
+    await app.redis.sadd(INDEX_ORGS, org)
+    # A run accepted by this sidecar before the old ones were moved.
+    await fill(app, [fresh])
+
+    d = drainer(app)
+    assert await d.upgrade_layout() == 5
+    assert await d.upgrade_layout() == 0
+    assert await app.redis.exists(f"{tag}:q") == 0
+    assert [key async for key in app.redis.scan_iter(match=f"{tag}:run:*")] == []
+    got = await app.buffer.get_run(env, old[0].run_id)
+    assert got.status == run_pb2.RUN_STATUS_QUEUED and got.snapshot.run_id == old[0].run_id
+    failed = await app.buffer.get_run(env, old[3].run_id)
+    assert (failed.status, failed.last_error, failed.attempts) == (
+        run_pb2.RUN_STATUS_FAILED,
+        "boom",
+        3,
+    )
+    # Old queued runs first, in their order, then the one queued since.
+    assert await queue_ids(app.redis, env) == [s.run_id for s in old[:3]] + [fresh.run_id]
+    batch = await d.lease_env(env, 10, 30_000, "tok-ol")
+    assert batch.reclaimed == 1
+    # The expired lease came back at its arrival score, among the old ones.
+    expected = [*(s.run_id for s in old[:3]), old[4].run_id, fresh.run_id]
+    assert [r.run_id for r in batch.runs] == expected
+    await d.nack_env(env, "tok-ol", [r.run_id for r in batch.runs], delay_ms=1)
+    await asyncio.sleep(0.01)
+    await drain_until_empty(d)
+    rows = await pg_rows(app, "env_id = %s", (env,))
+    assert sorted(r[0] for r in rows) == sorted(s.run_id for s in [*old[:3], old[4], fresh])
+    assert await app.redis.zrange(k.failed, 0, -1) == [old[3].run_id.encode()]

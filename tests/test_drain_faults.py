@@ -17,6 +17,7 @@ import pytest
 from mollifier.app import App
 from mollifier.config import Settings
 from mollifier.devstack import PostgresProcess, free_port
+from mollifier.keys import env_keys
 
 from tests.fault_helpers import accept_all, buffer_depth, count_rows, snapshots
 
@@ -94,7 +95,7 @@ async def test_sidecar_killed_mid_drain_loses_and_duplicates_nothing(settings: S
                 "FROM mollifier.runs"
             ).fetchone()
         assert row == (5000, 0)
-        assert await app.redis.keys("mf:{env_k*}:run:*") == []
+        assert [await app.redis.hlen(env_keys(e).runs) for e in ENVS] == [0] * len(ENVS)
     finally:
         await app.close(grace=1)
 

@@ -205,7 +205,7 @@ async def test_killed_drain_process_is_restarted_and_the_buffer_drains(
 ) -> None:
     app = await App.connect(settings, start_background=False)
     port = free_port()
-    proc = start_serve(settings, port, MOLLIFIER_DRAIN_RATE_PER_SEC="2500")
+    proc = start_serve(settings, port, MOLLIFIER_DRAIN_RATE_PER_SEC="1000")
     try:
         await accept_all(app, snapshots(5000, "k", ENVS))
         await wait_serving(port, proc)

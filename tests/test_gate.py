@@ -325,15 +325,19 @@ async def test_backlog_keeps_env_buffered_until_empty(
 
         # Drain all but one by hand (no drainer here): still BACKLOG.
         for i in range(3, 9):
-            await redis_client.zrem(k.queue, f"run_{i}")
-            await redis_client.delete(k.run(f"run_{i}"))
+            assert await redis_client.lrem(k.queue, 0, f"run_{i}") == 1
+            await redis_client.hdel(k.runs, f"run_{i}")
         assert await check() == backlog
         # A run leased by a drainer is still a backlog.
-        await redis_client.zrem(k.queue, "run_9")
+        assert await redis_client.lrem(k.queue, 0, "run_9") == 1
         await redis_client.zadd(k.lease, {"run_9": 1})
         assert await check() == backlog
         await redis_client.zrem(k.lease, "run_9")
-        await redis_client.delete(k.run("run_9"))
+        # And so is one that came back to the queue (its back set).
+        await redis_client.zadd(k.back, {"run_9": 1})
+        assert await check() == backlog
+        await redis_client.zrem(k.back, "run_9")
+        await redis_client.hdel(k.runs, "run_9")
 
         assert await check() == (PASS, R.DECISION_REASON_UNDER_THRESHOLD)
         req = trigger_request(env, snapshot=snapshot(env, "run_last"))
@@ -542,8 +546,7 @@ async def test_thousand_triggers_one_key_buffer_one_run(
                 assert r.run.status == run_pb2.RUN_STATUS_QUEUED
         assert await queue_ids(redis_client, env) == [winner.run_id]
         assert await redis_client.get(k.idem("task-a", "the-key")) == winner.run_id.encode()
-        run_keys = [key async for key in redis_client.scan_iter(match=k.run_prefix + "*")]
-        assert run_keys == [k.run(winner.run_id).encode()]
+        assert await redis_client.hkeys(k.runs) == [winner.run_id.encode()]
 
 
 async def test_trigger_duplicate_run_id_answers_existing(

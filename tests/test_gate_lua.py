@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from mollifier.app import App
+from mollifier.codec import bare_snapshot
 from mollifier.keys import env_keys
 from mollifier_client.v1 import run_pb2
 from redis.crc import key_slot
 
+from tests.entries import queue_scores, read_entry
 from tests.gate_helpers import new_env, open_app, redis_now_ms, sleep_until_redis_ms
 
 # ARGV defaults: threshold, window (ms), hold (ms), shadow
@@ -27,13 +28,13 @@ async def app(redis_url: str) -> AsyncIterator[App]:
 
 def eval_keys(env: str) -> list[str]:
     k = env_keys(env)
-    return [k.gate, k.policy, k.queue, k.lease, k.retry]
+    return [k.gate, k.policy, k.queue, k.back, k.lease, k.retry]
 
 
 def accept_keys(env: str, run_id: str, task: str = "t", key: str = "") -> list[str]:
     k = env_keys(env)
     idem = k.idem(task, key) if key else k.idem_prefix
-    return [k.queue, k.lease, k.retry, k.failed, k.env, k.run(run_id), idem]
+    return [*k.buffered, k.env, k.runs, idem]
 
 
 def accept_args(
@@ -43,7 +44,7 @@ def accept_args(
     return [
         run_id,
         "o",
-        snap.SerializeToString(),
+        bare_snapshot(snap),
         f"t:{key}" if key else "",
         expires,
         capacity,
@@ -57,13 +58,14 @@ async def test_every_env_key_shares_one_slot() -> None:
     k = env_keys(env)
     keys = [
         k.queue,
+        k.back,
         k.lease,
         k.retry,
         k.failed,
         k.gate,
         k.policy,
         k.env,
-        k.run("run_x"),
+        k.runs,
         k.idem("task/a", "key:with:colons{and}braces"),
         k.claim("task/a", "k"),
         k.request("req_1"),
@@ -148,7 +150,7 @@ async def test_env_state_does_not_count(app: App, redis_client: aioredis.Redis) 
     env = new_env()
     k = env_keys(env)
     await app.scripts.evaluate(redis_client, eval_keys(env), DEFAULTS)
-    keys = [k.gate, k.policy, k.queue, k.lease, k.retry, k.failed]
+    keys = [k.gate, k.policy, *k.buffered]
     for _ in range(3):
         r = await app.scripts.env_state(redis_client, keys, DEFAULTS[:3])
         assert int(r[0]) == 1
@@ -169,15 +171,16 @@ async def test_trigger_lua_buffers_only_on_mollify(app: App, redis_client: aiore
         redis_client, trig_keys("run_a"), [*args, *accept_args(env, "run_a"), *tail]
     )
     assert (int(r[0]), int(r[5])) == (1, 0)
-    assert await redis_client.exists(k.run("run_a")) == 0
+    assert not await redis_client.hexists(k.runs, "run_a")
     r = await app.scripts.trigger(
         redis_client, trig_keys("run_b"), [*args, *accept_args(env, "run_b"), *tail]
     )
     assert (int(r[0]), int(r[1]), int(r[5]), r[6]) == (3, 7, 1, b"run_b")
-    entry = await redis_client.hgetall(k.run("run_b"))
-    assert entry[b"st"] == b"Q" and entry[b"org"] == b"o" and int(entry[b"v"]) == int(entry[b"sc"])
-    assert int(entry[b"ca"]) == int(r[7])
-    assert await redis_client.zscore(k.queue, "run_b") == float(entry[b"sc"])
+    entry = await read_entry(redis_client, env, "run_b")
+    assert entry is not None
+    assert entry["st"] == b"Q" and entry["v"] == entry["sc"]
+    assert entry["ca"] == int(r[7])
+    assert await queue_scores(redis_client, env) == [("run_b", entry["sc"])]
 
 
 async def test_accept_lua_capacity_counts_every_state_and_writes_nothing_when_full(
@@ -194,23 +197,24 @@ async def test_accept_lua_capacity_counts_every_state_and_writes_nothing_when_fu
     await redis_client.zadd(k.failed, {"run_f": 1})
     snapshot_keys = sorted(await redis_client.keys(k.tag + ":*"))
     env_hash = await redis_client.hgetall(k.env)
+    runs = await redis_client.hgetall(k.runs)
     r = await app.scripts.accept(
         redis_client, accept_keys(env, "run_x"), accept_args(env, "run_x", capacity=4)
     )
     assert int(r[0]) == 4
     assert sorted(await redis_client.keys(k.tag + ":*")) == snapshot_keys
     assert await redis_client.hgetall(k.env) == env_hash
+    assert await redis_client.hgetall(k.runs) == runs
 
 
 async def test_accept_lua_scores_strictly_increase(app: App, redis_client: aioredis.Redis) -> None:
     env = new_env()
-    k = env_keys(env)
     for i in range(50):
         await app.scripts.accept(
             redis_client, accept_keys(env, f"run_{i}"), accept_args(env, f"run_{i}")
         )
-    got: list[Any] = await redis_client.zrange(k.queue, 0, -1, withscores=True)
-    assert [m.decode() for m, _ in got] == [f"run_{i}" for i in range(50)]
+    got = await queue_scores(redis_client, env)
+    assert [m for m, _ in got] == [f"run_{i}" for i in range(50)]
     scores = [s for _, s in got]
     assert scores == sorted(set(scores))
 
@@ -234,7 +238,8 @@ async def test_accept_lua_binding_expiry(app: App, redis_client: aioredis.Redis)
     )
     assert int(r[0]) == 1
     assert await redis_client.get(k.idem("t", "k2")) is None
-    assert (await redis_client.hget(k.run("run_2"), "ik")) == b""
+    entry = await read_entry(redis_client, env, "run_2")
+    assert entry is not None and "ik" not in entry
 
 
 async def test_claim_publish_release_lua(app: App, redis_client: aioredis.Redis) -> None:

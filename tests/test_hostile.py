@@ -218,7 +218,7 @@ async def test_every_rpc_answers_hostile_input_deliberately(
     desc: _d.MethodDescriptor,
     data: st.DataObject,
 ) -> None:
-    if not await redis_client.exists("mf:{env_h1}:run:run_h1"):
+    if not await redis_client.hexists("mf:{env_h1}:runs", "run_h1"):
         await _seed(stubs)
     request = data.draw(message_strategy(desc.input_type), label="request")
     call = getattr(getattr(stubs, service), method)

@@ -46,6 +46,8 @@ from mollifier.keys import env_keys
 from mollifier.scripts import load_scripts
 from mollifier_client.v1 import buffer_pb2, mutate_pb2, run_pb2
 
+from tests.entries import set_members
+
 T = TypeVar("T")
 
 ENV = "env_model"
@@ -403,16 +405,18 @@ class BufferMachine(RuleBasedStateMachine):
         r = self.app.redis
 
         async def read() -> tuple[dict[str, list[str]], list[Any], dict[str, Any]]:
-            where: dict[str, list[str]] = {}
-            for name, key in (("Q", k.queue), ("D", k.lease), ("R", k.retry), ("F", k.failed)):
-                for member in await r.zrange(key, 0, -1):
-                    where.setdefault(member.decode(), []).append(name)
-            hashes = [x async for x in r.scan_iter(match=k.run_prefix + "*", count=1000)]
+            # The queue's LIST and back set are both "Q" to the model.
+            names = {"q": "Q", "b": "Q", "l": "D", "r": "R", "f": "F"}
+            where = {
+                run_id: [names[w] for w in sets]
+                for run_id, sets in (await set_members(r, ENV)).items()
+            }
+            hashes = await r.hkeys(k.runs)
             binds = {key: await r.get(k.idem(TASK, key)) for key in KEYS}
             return where, hashes, binds
 
         where, hashes, binds = self.call(read())
-        # Every run hash in exactly one set, and it is the model's.
+        # Every entry in exactly one set, and it is the model's.
         assert len(hashes) == len(self.runs)
         for run_id, m in self.runs.items():
             model_where = m.where

@@ -30,6 +30,7 @@ from mollifier.keys import env_keys
 from mollifier.mutations import Mutations
 from mollifier_client.v1 import mutate_pb2, run_pb2
 
+from tests.entries import read_entry, set_entry
 from tests.plugins.sidecar import Stubs
 
 BUFFER = mutate_pb2.MUTATION_TARGET_BUFFER
@@ -410,7 +411,7 @@ async def test_another_envs_run_is_not_found_through_every_call(app: App) -> Non
 async def test_a_damaged_snapshot_is_reported_never_passed_on(app: App) -> None:
     env, m = "env_x", app.mutations
     run = await put(app, env)
-    await app.redis.hset(env_keys(env).run(run), "s", b"\xff\xfe not a snapshot")
+    await set_entry(app.redis, env, run, s=b"\xff\xfe not a snapshot")
     for call in (
         m.cancel(env, run, rid()),
         m.add_tags(env, run, rid(), ["t"]),
@@ -419,7 +420,8 @@ async def test_a_damaged_snapshot_is_reported_never_passed_on(app: App) -> None:
     ):
         with pytest.raises(DamagedEntry):
             await call
-    assert await app.redis.hget(env_keys(env).run(run), "s") == b"\xff\xfe not a snapshot"
+    entry = await read_entry(app.redis, env, run)
+    assert entry is not None and entry["s"] == b"\xff\xfe not a snapshot"
 
 
 async def test_parent_and_root_operations_go_to_parent_and_root(app: App) -> None:
@@ -644,7 +646,7 @@ async def test_mutations_over_grpc(app: App, stubs: Stubs) -> None:
             )
         )
     assert e4.value.code() == grpc.StatusCode.NOT_FOUND
-    await app.redis.hset(env_keys(env).run(run), "s", b"junk")
+    await set_entry(app.redis, env, run, s=b"junk")
     with pytest.raises(grpc.aio.AioRpcError) as e5:
         await stubs.mutate.AddTags(
             mutate_pb2.AddTagsRequest(env_id=env, run_id=run, request_id="g6", tags=["b"])

@@ -27,7 +27,7 @@ DEFAULTS = (1_000_000, 1000, 500, "0")
 
 def evaluate(scripts: Scripts, env: str) -> Callable[[Any], None]:
     k = env_keys(env)
-    keys = [k.gate, k.policy, k.queue, k.lease, k.retry]
+    keys = [k.gate, k.policy, k.queue, k.back, k.lease, k.retry]
     return lambda pipe: scripts.evaluate.queue(pipe, keys, DEFAULTS)
 
 
@@ -239,10 +239,12 @@ async def test_only_the_commands_that_met_noscript_are_sent_again(
     await redis_client.script_flush()
     await redis_client.script_load(scripts.evaluate.source)
     k = env_keys("env_state_mixed")
-    state_keys = [k.gate, k.policy, k.queue, k.lease, k.retry, k.failed]
+    state_keys = [k.gate, k.policy, *k.buffered]
 
     def build(pipe: Any) -> None:
-        scripts.evaluate.queue(pipe, [k.gate, k.policy, k.queue, k.lease, k.retry], DEFAULTS)
+        scripts.evaluate.queue(
+            pipe, [k.gate, k.policy, k.queue, k.back, k.lease, k.retry], DEFAULTS
+        )
         scripts.env_state.queue(pipe, state_keys, DEFAULTS[:3])
 
     first, _ = await direct.submit(build, 2)
@@ -266,11 +268,11 @@ async def test_redis_py_paths_send_again_only_what_met_noscript(
         k = env_keys(f"env_mixed_{n}")
         await redis_client.script_flush()
         await redis_client.script_load(scripts.evaluate.source)
-        gate_keys = [k.gate, k.policy, k.queue, k.lease, k.retry]
+        gate_keys = [k.gate, k.policy, k.queue, k.back, k.lease, k.retry]
 
         def build(pipe: Any, gate_keys: list[str] = gate_keys, k: Any = k) -> None:
             scripts.evaluate.queue(pipe, gate_keys, DEFAULTS)
-            scripts.env_state.queue(pipe, [*gate_keys, k.failed], DEFAULTS[:3])
+            scripts.env_state.queue(pipe, [k.gate, k.policy, *k.buffered], DEFAULTS[:3])
 
         first, _ = await run(build)
         assert int(first[2]) == 1
@@ -365,9 +367,7 @@ async def test_a_server_that_is_not_redis_fails_calls_fast() -> None:
 def test_tls_options_come_from_the_url() -> None:
     import ssl
 
-    target = DirectPipeline._parse(
-        "rediss://h:6380/0?ssl_cert_reqs=none&ssl_check_hostname=false"
-    )
+    target = DirectPipeline._parse("rediss://h:6380/0?ssl_cert_reqs=none&ssl_check_hostname=false")
     ctx = target["ssl"]
     assert isinstance(ctx, ssl.SSLContext)
     assert ctx.verify_mode == ssl.CERT_NONE and not ctx.check_hostname

@@ -23,6 +23,8 @@ from mollifier.errors import AlreadyExists, FailedPrecondition, Unavailable
 from mollifier.keys import env_keys
 from mollifier_client.v1 import gate_pb2, run_pb2
 
+from tests.entries import env_depth
+
 _ids = itertools.count(1)
 FLAGS = {"mollifierEnabled": True}
 
@@ -57,13 +59,9 @@ async def trigger(app: App, req: gate_pb2.TriggerRequest) -> Any:
 async def drain(app: App, env: str = "env_w") -> None:
     """Drain until the env's buffer is empty (backed-off retries included)."""
     d = Drainer(app.settings.replace(drain_enabled=True), app.redis, app.scripts, app.pool)
-    k = env_keys(env)
     for _ in range(2000):
         await d.tick()
-        depth = 0
-        for key in (k.queue, k.lease, k.retry, k.failed):
-            depth += int(await app.redis.zcard(key))
-        if depth == 0:
+        if await env_depth(app.redis, env) == 0:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("buffer did not empty")

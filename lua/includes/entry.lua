@@ -1,80 +1,82 @@
 --[[
-  Shared by accept.lua and trigger.lua: taking one run into the buffer.
+  Shared: a buffered run's entry, packed and unpacked.
 
-  A buffered run is one hash, mf:{env}:run:<run_id>, with the fields:
-    s   the RunSnapshot, protobuf-encoded, ids filled in
-    st  state: Q queued, D draining (leased), F failed (dead-lettered)
-    sc  arrival score: its place in the queue, kept so a run that comes back
-        from a lease or a backoff goes back to the same place (the head)
-    ca  accepted at (ms)          org  org id
-    du  delay_until (ms, 0 none)  ik   "<task>:<key>" when an idempotency key is bound
-    at  materialization attempts  le   last error
-    lt  lease token (state D; the deadline is its score in the lease zset)
-    cx  cancelled at (ms)         cr   cancel reason
-    v   version, raised by every change to the entry (compare-and-set); it
-        starts at the arrival score, not at 1, so an entry made again for the
-        same run id (a retried Accept after the run was drained) never meets a
-        version read from the earlier one
+  Every buffered run of an env is one field of one hash, mf:{env}:runs, keyed
+  by run id, whose value is the entry packed with cmsgpack as an array of
+  twelve values (false where a value is not set):
+    1 s   the RunSnapshot, protobuf-encoded, without its run_id and env_id
+          (the field name and the key hold them; readers put them back)
+    2 st  state: Q queued, D draining (leased), F failed (dead-lettered)
+    3 sc  arrival score: its place in the queue, kept so a run that comes back
+          from a lease or a backoff goes back to the same place (the head)
+    4 ca  accepted at (ms)
+    5 du  delay_until (ms, 0 none)
+    6 ik  "<task>:<key>" when an idempotency key is bound
+    7 at  materialization attempts
+    8 v   version, raised by every change to the entry (compare-and-set); it
+          starts at the arrival score, not at 1, so an entry made again for the
+          same run id (a retried Accept after the run was drained) never meets a
+          version read from the earlier one
+    9 lt  lease token (state D; the deadline is its score in the lease zset)
+   10 le  last error
+   11 cx  cancelled at (ms)
+   12 cr  cancel reason
+  One packed value in one hash per env, rather than a hash per run, is what
+  keeps a buffered run within 1.5x its snapshot's bytes (docs/benchmarks.md):
+  a top-level key costs ~106 bytes before its value.
 
-  Accept results: 1 ACCEPTED, 2 DUPLICATE_RUN_ID, 3 DUPLICATE_IDEMPOTENCY_KEY,
-  4 FULL (over the env's capacity, or the caller says the whole buffer is);
-  trigger.lua adds 5 BOUND (key bound to the run for a direct write).
+  Numbers are packed as integers (cmsgpack packs an integral number as one);
+  scores, ~1.8e15, are exact in Lua's doubles (below 2^53).
 ]]
--- Needs includes/time.
-local RESULT_ACCEPTED, RESULT_DUP_RUN, RESULT_DUP_IDEM, RESULT_FULL = 1, 2, 3, 4
 
-local ENTRY_FIELDS = { "s", "st", "ca", "at", "le", "cx", "cr", "du", "v" }
+local E_S, E_ST, E_SC, E_CA, E_DU, E_IK, E_AT, E_V, E_LT, E_LE, E_CX, E_CR =
+  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
+local E_COUNT = 12
+-- Positions by field name, for callers that name fields (mutate.lua).
+local E_POS = { s = 1, st = 2, sc = 3, ca = 4, du = 5, ik = 6, at = 7, v = 8,
+  lt = 9, le = 10, cx = 11, cr = 12 }
 
--- The fields a caller needs to answer with an existing run.
-local function entry_view(runKey)
-  return rcall("HMGET", runKey, unpack(ENTRY_FIELDS))
+-- A packed value as an entry table; one that cannot be unpacked reads as an
+-- entry with nothing set (no snapshot: damaged), never as a script error.
+local function entry_unpack(raw)
+  local ok, e = pcall(cmsgpack.unpack, raw)
+  if not ok or type(e) ~= "table" then
+    e = {}
+  end
+  for i = 1, E_COUNT do
+    if e[i] == nil then e[i] = false end
+  end
+  -- A queue place that is not a number is no queue place (damaged): the
+  -- scripts compare and ZADD it, and a string there would stop them midway.
+  e[E_SC] = tonumber(e[E_SC]) or false
+  return e
 end
 
--- Returns { result, runId, createdAtMs, entryView } where entryView is the
--- existing run's fields for a duplicate found in the buffer, else {}.
-local function accept_entry(k, a, now)
-  -- A live binding wins: the key answers with its run, buffered or not. A
-  -- binding to this very run was made by trigger.lua for a direct write that
-  -- Postgres refused retryably; the run now comes to the buffer instead.
-  if a.idem ~= "" then
-    local bound = rcall("GET", k.idem)
-    if bound and bound ~= a.runId then
-      local existingKey = k.runPrefix .. bound
-      return { RESULT_DUP_IDEM, bound, 0, entry_view(existingKey) }
-    end
+-- The entry of one run, or nil when the run has none.
+local function entry_get(runsKey, runId)
+  local raw = rcall("HGET", runsKey, runId)
+  if not raw then
+    return nil
   end
-  if rcall("EXISTS", k.run) == 1 then
-    return { RESULT_DUP_RUN, a.runId, 0, entry_view(k.run) }
+  return entry_unpack(raw)
+end
+
+local function entry_pack(e)
+  for i = 1, E_COUNT do
+    if e[i] == nil then e[i] = false end
   end
-  if a.totalFull == "1" then
-    return { RESULT_FULL, a.runId, 0, {} }
+  return cmsgpack.pack(e)
+end
+
+local function entry_put(runsKey, runId, e)
+  rcall("HSET", runsKey, runId, entry_pack(e))
+end
+
+-- What a caller answers with (s st ca at le cx cr du v, as the Python
+-- codec's ENTRY_FIELDS); all nil for no entry.
+local function entry_view(e)
+  if not e then
+    return { false, false, false, false, false, false, false, false, false }
   end
-  local depth = rcall("ZCARD", k.queue) + rcall("ZCARD", k.lease)
-    + rcall("ZCARD", k.retry) + rcall("ZCARD", k.failed)
-  if depth >= a.capacity then
-    return { RESULT_FULL, a.runId, 0, {} }
-  end
-  -- Strictly increasing per env, close to the accept time, so the queue keeps
-  -- arrival order and its scores still read as times for the stale sweep.
-  local last = tonumber(rcall("HGET", k.env, "ls")) or 0
-  local score = math.max(now * 1000, last + 1)
-  rcall("HSET", k.env, "ls", score, "org", a.orgId)
-  local boundKey = ""
-  -- A binding trigger.lua made for a direct write that turned buffered is set
-  -- again below like any other: without a TTL while the run is buffered, and
-  -- recorded in the entry (ik) so ack and reset find it.
-  if a.idem ~= "" then
-    if a.idemExpiresAt == 0 then
-      rcall("SET", k.idem, a.runId)
-      boundKey = a.idem
-    elseif a.idemExpiresAt > now then
-      rcall("SET", k.idem, a.runId, "PXAT", a.idemExpiresAt)
-      boundKey = a.idem
-    end
-    -- An expiry already past binds nothing: the key is free again.
-  end
-  rcall("HSET", k.run, "s", a.snapshot, "st", "Q", "sc", score, "ca", now, "org", a.orgId,
-    "du", a.delayUntil, "ik", boundKey, "at", 0, "v", score)
-  rcall("ZADD", k.queue, score, a.runId)
-  return { RESULT_ACCEPTED, a.runId, now, {} }
+  return { e[E_S], e[E_ST], e[E_CA], e[E_AT], e[E_LE], e[E_CX], e[E_CR], e[E_DU], e[E_V] }
 end

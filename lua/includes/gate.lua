@@ -84,8 +84,9 @@ end
 
 -- Runs of an env still buffered (queued, leased or backing off): while any
 -- remain, new triggers of the env are buffered too, so they keep arrival order.
-local function gate_backlog(queueKey, leaseKey, retryKey)
-  return rcall("ZCARD", queueKey) + rcall("ZCARD", leaseKey) + rcall("ZCARD", retryKey)
+local function gate_backlog(queueKey, backKey, leaseKey, retryKey)
+  return rcall("LLEN", queueKey) + rcall("ZCARD", backKey) + rcall("ZCARD", leaseKey)
+    + rcall("ZCARD", retryKey)
 end
 
 -- Decision and reason codes are the proto enum numbers.

@@ -17,7 +17,15 @@ from typing import Any
 from mollifier_client.v1 import buffer_pb2, run_pb2
 from psycopg_pool import AsyncConnectionPool
 
-from .codec import ENTRY_FIELDS, entry_to_run, key_expires_ms, ms_from_ts, new_run_id, ts_from_ms
+from .codec import (
+    bare_snapshot,
+    entry_to_run,
+    entry_view,
+    key_expires_ms,
+    ms_from_ts,
+    new_run_id,
+    ts_from_ms,
+)
 from .config import Settings
 from .errors import NotFound, ResourceExhausted
 from .keys import INDEX_ORGS, STATS_TOTAL_DEPTH, env_keys, org_envs_key
@@ -32,15 +40,51 @@ __all__ = [
     "RESULT_FULL",
     "AcceptOutcome",
     "Buffer",
+    "Depth",
+    "depths",
 ]
 
 log = logging.getLogger("mollifier.buffer")
 
-# Result codes of lua/includes/entry.lua (and BOUND of lua/trigger.lua).
+# Result codes of lua/includes/accept.lua (and BOUND of lua/trigger.lua).
 RESULT_ACCEPTED, RESULT_DUP_RUN, RESULT_DUP_IDEM, RESULT_FULL, RESULT_BOUND = 1, 2, 3, 4, 5
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
+
+
+class Depth:
+    """One env's runs where they are, and its queue's head (lua/depth.lua)."""
+
+    __slots__ = ("draining", "failed", "head_score", "queued", "retrying", "stale")
+
+    def __init__(self, reply: Sequence[Any]) -> None:
+        q, d, r, f, head, stale = (int(x) for x in reply)
+        self.queued, self.draining, self.retrying, self.failed = q, d, r, f
+        # Arrival score of the oldest queued run (ms * 1000); 0 when none is queued.
+        self.head_score = head
+        self.stale = stale
+
+    @property
+    def total(self) -> int:
+        """Every run the env holds in the buffer, dead letters included."""
+        return self.queued + self.draining + self.retrying + self.failed
+
+
+async def depths(
+    scripts: Scripts, client: Any, env_ids: Sequence[str], stale_cutoff: int = 0
+) -> list[Depth]:
+    """lua/depth.lua for each env, in one pipeline. ``stale_cutoff`` (an arrival
+    score) counts the queued runs that arrived at or before it."""
+    if not env_ids:
+        return []
+
+    def build(pipe: Any) -> None:
+        for env_id in env_ids:
+            k = env_keys(env_id)
+            scripts.depth.queue(pipe, [*k.buffered, k.runs], [stale_cutoff])
+
+    return [Depth(r) for r in await scripts.execute(client, build)]
 
 
 class AcceptOutcome:
@@ -123,11 +167,11 @@ class Buffer:
         # any past expiry.
         expires = key_expires_ms(snap)
         delay = ms_from_ts(snap.delay_until) if snap.HasField("delay_until") else 0
-        keys = [k.queue, k.lease, k.retry, k.failed, k.env, k.run(snap.run_id), idem_key]
+        keys = [*k.buffered, k.env, k.runs, idem_key]
         args: list[Any] = [
             snap.run_id,
             snap.org_id,
-            snap.SerializeToString(),
+            bare_snapshot(snap),
             idem,
             expires,
             self.settings.buffer_capacity_per_env,
@@ -208,7 +252,7 @@ class Buffer:
 
     async def get_buffered(self, env_id: str, run_id: str) -> run_pb2.Run | None:
         """The buffered run, or None when it is not (or no longer) in Redis."""
-        view = await self.redis.hmget(env_keys(env_id).run(run_id), list(ENTRY_FIELDS))
+        view = entry_view(await self.redis.hget(env_keys(env_id).runs, run_id))
         if view[0] is None and view[1] is None:
             return None
         return entry_to_run(env_id, run_id, view)
@@ -279,9 +323,7 @@ class Buffer:
         v.raise_if_any()
         size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
         k = env_keys(env_id)
-        r = await self.scripts.list_runs(
-            self.redis, [k.queue, k.lease, k.retry, k.failed], [cursor, size + 1, k.run_prefix]
-        )
+        r = await self.scripts.list_runs(self.redis, [*k.buffered, k.runs], [cursor, size + 1])
         runs: list[run_pb2.Run] = []
         last = 0
         for item in r[:size]:
@@ -303,12 +345,8 @@ class Buffer:
             envs = await self.redis.smembers(org_envs_key(org.decode()))
             if not envs:
                 continue
-            pipe = self.redis.pipeline(transaction=False)
-            for env in envs:
-                k = env_keys(env.decode())
-                for key in (k.queue, k.lease, k.retry, k.failed):
-                    pipe.zcard(key)
-            total += sum(int(n) for n in await pipe.execute())
+            found = await depths(self.scripts, self.redis, [e.decode() for e in envs])
+            total += sum(d.total for d in found)
         self.total_full = total >= self.settings.buffer_capacity_total
         with contextlib.suppress(Exception):
             await self.redis.set(STATS_TOTAL_DEPTH, total, px=60_000)

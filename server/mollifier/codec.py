@@ -5,7 +5,9 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Sequence
+from typing import Any
 
+import msgpack
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 from mollifier_client.v1 import run_pb2
@@ -15,8 +17,11 @@ from .errors import DamagedEntry
 __all__ = [
     "ENTRY_FIELDS",
     "as_text",
+    "bare_snapshot",
     "decode_snapshot",
     "entry_to_run",
+    "entry_view",
+    "full_snapshot",
     "key_expires_ms",
     "ms_from_ts",
     "new_run_id",
@@ -26,6 +31,9 @@ __all__ = [
 
 # The fields entry_view() in lua/includes/entry.lua returns, in order.
 ENTRY_FIELDS = ("s", "st", "ca", "at", "le", "cx", "cr", "du", "v")
+# Their places in a packed entry (lua/includes/entry.lua), 0-based.
+_VIEW_POSITIONS = (0, 1, 3, 6, 9, 10, 11, 4, 7)
+_NO_ENTRY: tuple[None, ...] = (None,) * len(ENTRY_FIELDS)
 
 _RUN_ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -73,8 +81,57 @@ def _int(value: bytes | str | int | None) -> int:
     return int(value)
 
 
+def entry_view(packed: bytes | None) -> tuple[Any, ...]:
+    """The ENTRY_FIELDS of a packed entry (HGET of mf:{env}:runs), as entry_view()
+    in Lua returns them; all None for no entry. A value that cannot be unpacked
+    reads as an entry with nothing set, which entry_to_run calls damaged."""
+    if packed is None:
+        return _NO_ENTRY
+    try:
+        e = msgpack.unpackb(packed, raw=True)
+    except (ValueError, msgpack.UnpackException):
+        e = None
+    if not isinstance(e, list):
+        return (None, b"", *_NO_ENTRY[2:])
+    n = len(e)
+    # cmsgpack packs Lua's false as False: not set.
+    return tuple(None if i >= n or e[i] is False else e[i] for i in _VIEW_POSITIONS)
+
+
+def bare_snapshot(snap: run_pb2.RunSnapshot) -> bytes:
+    """The snapshot's bytes as the buffer keeps them: without run_id and env_id,
+    which the entry's key holds (full_snapshot puts them back)."""
+    run_id, env_id = snap.run_id, snap.env_id
+    snap.run_id = snap.env_id = ""
+    try:
+        return snap.SerializeToString()
+    finally:
+        snap.run_id, snap.env_id = run_id, env_id
+
+
+def _field(number: int, text: str) -> bytes:
+    """One length-delimited protobuf field (a string of any length)."""
+    data = text.encode()
+    out = bytearray([number << 3 | 2])
+    n = len(data)
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + data
+
+
+def full_snapshot(env_id: str, run_id: str, bare: bytes) -> bytes:
+    """A buffered snapshot's bytes with its ids put back: fields 1 (run_id) and
+    2 (env_id) appended, which a parser reads as if they came first. An id the
+    bytes already hold (an entry written before ids were left out) is written
+    again with the same value, which reads the same."""
+    return bare + _field(1, run_id) + _field(2, env_id)
+
+
 def decode_snapshot(env_id: str, run_id: str, raw: bytes | None) -> run_pb2.RunSnapshot:
-    """Decode and check a buffered snapshot; a damaged one raises DamagedEntry."""
+    """Decode and check a buffered snapshot (kept without its ids, which are put
+    back here); a damaged one raises DamagedEntry."""
     if not raw:
         raise DamagedEntry(f"buffered run {run_id} has no snapshot", metadata={"run_id": run_id})
     try:
@@ -84,6 +141,8 @@ def decode_snapshot(env_id: str, run_id: str, raw: bytes | None) -> run_pb2.RunS
             f"buffered run {run_id} has a snapshot that cannot be decoded",
             metadata={"run_id": run_id},
         ) from None
+    snap.run_id = snap.run_id or run_id
+    snap.env_id = snap.env_id or env_id
     if snap.run_id != run_id or snap.env_id != env_id or not snap.task_identifier:
         raise DamagedEntry(
             f"buffered run {run_id} has a snapshot for another run or env",

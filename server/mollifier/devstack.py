@@ -88,9 +88,6 @@ class RedisProcess:
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "always",
-            # A buffered run is a hash whose snapshot is usually over the 64-byte
-            # default: keep such hashes compact (listpack), half the memory.
-            "--hash-max-listpack-value", "1024",
             "--logfile", str(log),
             "--pidfile", str(pidfile),
             "--daemonize", "no",

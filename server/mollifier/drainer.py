@@ -39,7 +39,16 @@ from google.protobuf import duration_pb2
 from mollifier_client.v1 import drain_pb2, run_pb2
 from psycopg_pool import AsyncConnectionPool
 
-from .codec import ENTRY_FIELDS, as_text, decode_snapshot, entry_to_run, now_ms, ts_from_ms
+from .buffer import depths
+from .codec import (
+    as_text,
+    decode_snapshot,
+    entry_to_run,
+    entry_view,
+    full_snapshot,
+    now_ms,
+    ts_from_ms,
+)
 from .config import Settings
 from .errors import DamagedEntry
 from .keys import DRAIN_PAUSED, INDEX_ORGS, env_keys, org_envs_key
@@ -64,6 +73,10 @@ log = logging.getLogger("mollifier.drainer")
 BACKOFF_CAP_MS = 60_000
 MAX_LEASE_RUNS = 1000
 RECLAIM_PER_CALL = 1000
+# Runs upgrade.lua moves out of an env's old queue per call, and the keys the
+# earlier layout kept a run in (a hash per run).
+UPGRADE_PER_CALL = 1000
+OLD_RUN_PATTERN = "mf:{*}:run:*"
 REPAIR_INTERVAL_S = 30.0
 SWEEP_INTERVAL_S = 5.0
 SWEEP_ORGS_PER_PASS = 100
@@ -236,6 +249,7 @@ class Drainer:
         self.lingers = 0
         self._picked_every_env = True
         self._stale_counts: dict[str, int] = {}
+        self._layout_checked = False
         self._sweep_orgs: list[str] = []
         self._sweep_visited: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -310,10 +324,42 @@ class Drainer:
             self._wake.clear()
 
     async def _repair_in_background(self) -> None:
+        if not self._layout_checked:
+            try:
+                await self.upgrade_layout()
+                self._layout_checked = True
+            except Exception:
+                log.exception("moving runs from the old buffer layout failed")
         try:
             await self.repair_index()
         except Exception:
             log.exception("index repair failed")
+
+    async def upgrade_layout(self) -> int:
+        """Move runs buffered by a sidecar of the earlier layout (a hash per run) into the
+        current layout (lua/upgrade.lua); returns how many were moved. Found by
+        one SCAN, done once per drainer start, beside the ticks: an env's old
+        runs wait in their old keys until then, and none is dropped."""
+        envs: set[str] = set()
+        async for raw in self.redis.scan_iter(match=OLD_RUN_PATTERN, count=1000):
+            name = as_text(raw)
+            if name.startswith("mf:{") and "}:run:" in name:
+                envs.add(name[4 : name.index("}:run:")])
+        moved = 0
+        for env_id in sorted(envs):
+            k = env_keys(env_id)
+            while True:
+                r = await self.scripts.upgrade(
+                    self.redis,
+                    [k.back, k.lease, k.retry, k.failed, k.runs, k.tag + ":q"],
+                    [k.tag + ":run:", UPGRADE_PER_CALL],
+                )
+                moved += int(r[0])
+                if int(r[1]) == 0:
+                    break
+        if moved:
+            log.info("runs moved from the old buffer layout", extra={"runs": moved})
+        return moved
 
     async def _loop(self) -> None:
         backoff = 0.1
@@ -465,11 +511,7 @@ class Drainer:
     # -- index upkeep ----------------------------------------------------------
 
     async def _env_depth(self, env_id: str) -> int:
-        k = env_keys(env_id)
-        pipe = self.redis.pipeline(transaction=False)
-        for key in (k.queue, k.lease, k.retry, k.failed):
-            pipe.zcard(key)
-        return sum(int(n) for n in await pipe.execute())
+        return (await depths(self.scripts, self.redis, [env_id]))[0].total
 
     async def _unindex_env(self, org: str, env_id: str) -> None:
         """Drop an empty env from its org's set without ever losing a live one.
@@ -518,16 +560,13 @@ class Drainer:
         async def flush(names: list[str]) -> int:
             pipe = self.redis.pipeline(transaction=False)
             for env_id in names:
-                k = env_keys(env_id)
-                pipe.hget(k.env, "org")
-                for key in (k.queue, k.lease, k.retry, k.failed):
-                    pipe.zcard(key)
-            res = await pipe.execute()
+                pipe.hget(env_keys(env_id).env, "org")
+            orgs = await pipe.execute()
+            found = await depths(self.scripts, self.redis, names)
             n = 0
-            for i, env_id in enumerate(names):
-                org_raw, *depths = res[i * 5 : i * 5 + 5]
+            for env_id, org_raw, depth in zip(names, orgs, found, strict=True):
                 org = as_text(org_raw)
-                if org and sum(int(d) for d in depths) > 0:
+                if org and depth.total > 0:
                     p = self.redis.pipeline(transaction=False)
                     p.sadd(org_envs_key(org), env_id)
                     p.sadd(INDEX_ORGS, org)
@@ -572,14 +611,13 @@ class Drainer:
                 pipe.smembers(org_envs_key(org))
             envs = sorted({as_text(e) for group in await pipe.execute() for e in group})
             cutoff = (now_ms() - self.settings.stale_after_ms) * 1000
-            pipe = self.redis.pipeline(transaction=False)
-            for env_id in envs:
-                # Queue scores are accept-time ms * 1000: one cheap ZCOUNT per env.
-                pipe.zcount(env_keys(env_id).queue, "-inf", cutoff)
-            for env_id, n in zip(envs, await pipe.execute(), strict=True):
+            # Arrival scores are accept-time ms * 1000; depth.lua counts the
+            # queued runs at or before the cutoff by a binary search.
+            found = await depths(self.scripts, self.redis, envs, cutoff)
+            for env_id, depth in zip(envs, found, strict=True):
                 self._sweep_visited.add(env_id)
-                if int(n):
-                    self._stale_counts[env_id] = int(n)
+                if depth.stale:
+                    self._stale_counts[env_id] = depth.stale
                 else:
                     self._stale_counts.pop(env_id, None)
         if not self._sweep_orgs:
@@ -595,9 +633,8 @@ class Drainer:
         k = env_keys(env_id)
         r = await self.scripts.lease(
             self.redis,
-            [k.queue, k.lease, k.retry, k.failed],
+            [*k.buffered, k.runs],
             [
-                k.run_prefix,
                 max_runs,
                 lease_ms,
                 token,
@@ -630,7 +667,7 @@ class Drainer:
         k = env_keys(env_id)
         ids = " ".join([run_id for run_id, _ in runs])
         resolved = " ".join([f"{run_id} {to}" for run_id, to in runs if to])
-        args: list[Any] = [k.run_prefix, k.idem_prefix, token, self.settings.idempotency_ttl_ms]
+        args: list[Any] = [k.runs, k.idem_prefix, token, self.settings.idempotency_ttl_ms]
         args += (ids, resolved, k.alias_prefix)
         if from_failed:
             args.append(k.failed)
@@ -677,7 +714,7 @@ class Drainer:
             self.redis,
             [k.lease, k.retry, k.failed],
             [
-                k.run_prefix,
+                k.runs,
                 token,
                 delay_ms,
                 s.drain_backoff_ms,
@@ -773,7 +810,11 @@ class Drainer:
             run_id = run_id_b.decode()
             try:
                 snap = decode_snapshot(env_id, run_id, raw)
-                entry = Entry(snap, _int(ca), _int(cx) if cx else 0, cr.decode() if cr else "", raw)
+                # The buffer keeps the snapshot without its ids; the row's
+                # snapshot column gets them back.
+                full = full_snapshot(env_id, run_id, raw)
+                reason = cr.decode() if cr else ""
+                entry = Entry(snap, _int(ca), _int(cx) if cx else 0, reason, full)
             except DamagedEntry as exc:
                 damaged.append((run_id, exc.message))
                 continue
@@ -1022,10 +1063,8 @@ class Drainer:
                 break
             fetch *= 2
         page = found[:size]
-        pipe = self.redis.pipeline(transaction=False)
-        for run_id, _ in page:
-            pipe.hmget(k.run(run_id), list(ENTRY_FIELDS))
-        views = await pipe.execute() if page else []
+        raws = await self.redis.hmget(k.runs, [run_id for run_id, _ in page]) if page else []
+        views = [entry_view(raw) for raw in raws]
         runs: list[run_pb2.Run] = []
         for (run_id, _), view in zip(page, views, strict=True):
             if view[1] is None:
@@ -1067,8 +1106,8 @@ class Drainer:
         request_key = k.request("retry_failed:" + request_id) if request_id else k.env
         n = await self.scripts.retry_failed(
             self.redis,
-            [k.queue, k.failed, request_key],
-            [k.run_prefix, "1" if request_id else "0", "0" if run_ids else "1", *run_ids],
+            [k.back, k.failed, request_key],
+            [k.runs, "1" if request_id else "0", "0" if run_ids else "1", *run_ids],
         )
         self._wake.set()
         return int(n)
@@ -1104,36 +1143,31 @@ class Drainer:
             envs = sorted(as_text(e) for e in await self.redis.smembers(org_envs_key(org)))
             if not envs:
                 continue
+            found = await depths(self.scripts, self.redis, envs)
             pipe = self.redis.pipeline(transaction=False)
             for env_id in envs:
                 k = env_keys(env_id)
-                pipe.zcard(k.queue)
-                pipe.zcard(k.lease)
-                pipe.zcard(k.retry)
-                pipe.zcard(k.failed)
-                pipe.zrange(k.queue, 0, 0, withscores=True)
-                pipe.zrange(k.lease, 0, -1)
+                pipe.zrange(k.lease, 0, 99)
                 pipe.hget(k.gate, "tu")
             res = await pipe.execute()
             o = drain_pb2.OrgStatus(org_id=org)
-            for i, env_id in enumerate(envs):
-                queued, draining, retrying, failed, head, leased, tu = res[i * 7 : i * 7 + 7]
+            for i, (env_id, depth) in enumerate(zip(envs, found, strict=True)):
+                leased, tu = res[i * 2 : i * 2 + 2]
                 oldest = now
-                if head:
-                    oldest = min(oldest, int(head[0][1]) // 1000)
+                if depth.head_score:
+                    oldest = min(oldest, depth.head_score // 1000)
                 if leased:
-                    k = env_keys(env_id)
-                    p2 = self.redis.pipeline(transaction=False)
-                    for m in leased[:100]:
-                        p2.hget(k.run(as_text(m)), "ca")
-                    for ca in await p2.execute():
+                    ids = [as_text(m) for m in leased]
+                    raws = await self.redis.hmget(env_keys(env_id).runs, ids)
+                    for raw in raws:
+                        ca = entry_view(raw)[2]
                         if ca:
                             oldest = min(oldest, _int(ca))
                 e = drain_pb2.EnvStatus(
                     env_id=env_id,
-                    queued=int(queued) + int(retrying),
-                    draining=int(draining),
-                    failed=int(failed),
+                    queued=depth.queued + depth.retrying,
+                    draining=depth.draining,
+                    failed=depth.failed,
                     oldest_age=_duration(now - oldest),
                 )
                 if tu and _int(tu) > now:

@@ -214,7 +214,7 @@ class Gate:
 
     def _evaluate_call(self, env_id: str) -> tuple[list[str], tuple[Any, ...]]:
         k = env_keys(env_id)
-        return [k.gate, k.policy, k.queue, k.lease, k.retry], self._defaults
+        return [k.gate, k.policy, k.queue, k.back, k.lease, k.retry], self._defaults
 
     def check(self, req: GateRequest, *, task_required: bool) -> None:
         """Validate a gate request (INVALID_ARGUMENT naming every bad field)."""
@@ -713,7 +713,7 @@ class Gate:
         k = env_keys(env_id)
         r = await self.scripts.env_state(
             self.redis,
-            [k.gate, k.policy, k.queue, k.lease, k.retry, k.failed],
+            [k.gate, k.policy, *k.buffered],
             self._defaults[:3],
         )
         resp = gate_pb2.GetEnvStateResponse(

@@ -47,6 +47,7 @@ class EnvKeys:
 
     __slots__ = (
         "alias_prefix",
+        "back",
         "claim_prefix",
         "env",
         "env_id",
@@ -58,7 +59,7 @@ class EnvKeys:
         "queue",
         "request_prefix",
         "retry",
-        "run_prefix",
+        "runs",
         "tag",
     )
 
@@ -66,8 +67,13 @@ class EnvKeys:
         self.env_id = env_id
         self.tag = f"{PREFIX}:{{{env_id}}}"
         t = self.tag
-        # ZSET run_id -> arrival score (ms * 1000, strictly increasing per env).
-        self.queue = f"{t}:q"
+        # LIST of run ids in arrival order: the runs accepted and never leased
+        # (RPUSH at accept, popped from the head by a lease; see lua/includes/queue.lua).
+        self.queue = f"{t}:ql"
+        # ZSET run_id -> arrival score: queued runs that came back (a lease that
+        # expired, a backoff that ended, a retried dead letter). Every one is
+        # older than every run in the LIST, so a lease takes these first.
+        self.back = f"{t}:qb"
         # ZSET run_id -> lease deadline (ms).
         self.lease = f"{t}:lease"
         # ZSET run_id -> time (ms) a backed-off run may be leased again.
@@ -80,8 +86,8 @@ class EnvKeys:
         self.policy = f"{t}:policy"
         # HASH: org id, last arrival score, counters.
         self.env = f"{t}:env"
-        # HASH per run: the entry (see lua/includes/entry.lua).
-        self.run_prefix = f"{t}:run:"
+        # HASH run_id -> the run's entry, packed (see lua/includes/entry.lua).
+        self.runs = f"{t}:runs"
         # STRING per (task, key): the run id the idempotency key is bound to.
         self.idem_prefix = f"{t}:idem:"
         # STRING per (task, key): a pre-gate claim's ownership token.
@@ -92,8 +98,11 @@ class EnvKeys:
         # STRING per request id: the stored answer of a mutating call.
         self.request_prefix = f"{t}:req:"
 
-    def run(self, run_id: str) -> str:
-        return self.run_prefix + run_id
+    @property
+    def buffered(self) -> tuple[str, str, str, str, str]:
+        """The sets a buffered run is in, in the order the scripts take them:
+        queue LIST, back ZSET, lease, retry and failed ZSETs."""
+        return (self.queue, self.back, self.lease, self.retry, self.failed)
 
     def idem(self, task_identifier: str, idempotency_key: str) -> str:
         # Task identifiers cannot contain ':', so the split is unambiguous.

@@ -41,8 +41,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .buffer import depths
 from .codec import as_text, now_ms
-from .keys import INDEX_ORGS, env_keys, org_envs_key
+from .keys import INDEX_ORGS, org_envs_key
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -227,24 +228,14 @@ class BufferStats:
         queued = retrying = draining = failed = 0
         oldest = now = now_ms()
         if envs:
-            pipe = redis.pipeline(transaction=False)
-            for env_id in envs:
-                k = env_keys(env_id)
-                pipe.zcard(k.queue)
-                pipe.zcard(k.retry)
-                pipe.zcard(k.lease)
-                pipe.zcard(k.failed)
-                # Queue scores are arrival ms * 1000, so the head is the oldest arrival.
-                pipe.zrange(k.queue, 0, 0, withscores=True)
-            res = await pipe.execute()
-            for i in range(len(envs)):
-                q, r, d, f, head = res[i * 5 : i * 5 + 5]
-                queued += int(q)
-                retrying += int(r)
-                draining += int(d)
-                failed += int(f)
-                if head:
-                    oldest = min(oldest, int(head[0][1]) // 1000)
+            for depth in await depths(self.app.scripts, redis, envs):
+                queued += depth.queued
+                retrying += depth.retrying
+                draining += depth.draining
+                failed += depth.failed
+                # Arrival scores are ms * 1000, so the head is the oldest arrival.
+                if depth.head_score:
+                    oldest = min(oldest, depth.head_score // 1000)
         self.queued, self.retrying, self.draining, self.failed = queued, retrying, draining, failed
         self.envs = len(envs)
         self.oldest_age_s = max(0, now - oldest) / 1000

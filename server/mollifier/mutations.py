@@ -58,7 +58,15 @@ from mollifier_client.v1 import gate_pb2, mutate_pb2, run_pb2
 from psycopg_pool import AsyncConnectionPool
 
 from .buffer import Buffer
-from .codec import ENTRY_FIELDS, as_text, entry_to_run, ms_from_ts, now_ms, ts_from_ms
+from .codec import (
+    as_text,
+    bare_snapshot,
+    entry_to_run,
+    entry_view,
+    ms_from_ts,
+    now_ms,
+    ts_from_ms,
+)
 from .config import Settings
 from .errors import (
     AlreadyExists,
@@ -441,11 +449,11 @@ class Mutations:
         if kept is not None:
             return kept
         k = env_keys(env_id)
-        run_key, request_key = k.run(run_id), k.request(request_id)
+        request_key = k.request(request_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.mutation_wait_ms / 1000
         for attempt in range(MAX_ROUNDS):
-            view = await self.redis.hmget(run_key, list(ENTRY_FIELDS))
+            view = entry_view(await self.redis.hget(k.runs, run_id))
             state = as_text(view[1])
             buffered = view[0] is not None or view[1] is not None
             if self.pool is not None:
@@ -479,7 +487,7 @@ class Mutations:
                 _pack(kind, resp),
                 REQUEST_TTL_MS,
                 "1" if changed else "0",
-                s.SerializeToString() if changed else "",
+                bare_snapshot(s) if changed else "",
                 "0",
                 "cx",
                 _ts_ms(run, "canceled_at"),
@@ -488,7 +496,7 @@ class Mutations:
                 "du",
                 _ts_ms(s, "delay_until"),
             ]
-            r = await self.scripts.mutate(self.redis, [run_key, request_key, k.idem_prefix], args)
+            r = await self.scripts.mutate(self.redis, [k.runs, request_key, k.idem_prefix], args)
             code = int(r[0])
             if code == APPLIED:
                 return resp
@@ -849,7 +857,7 @@ class Mutations:
             if bound_raw is None:
                 return False, ""
             bound = as_text(bound_raw)
-            view = await self.redis.hmget(k.run(bound), list(ENTRY_FIELDS))
+            view = entry_view(await self.redis.hget(k.runs, bound))
             if view[0] is None and view[1] is None:
                 # The run has left the buffer; its binding outlived it.
                 if int(await self.scripts.unbind(self.redis, [binding], [bound])):
@@ -874,11 +882,11 @@ class Mutations:
                 "",
                 REQUEST_TTL_MS,
                 "1",
-                snap.SerializeToString(),
+                bare_snapshot(snap),
                 "1",
             ]
             r = await self.scripts.mutate(
-                self.redis, [k.run(bound), k.request(request_id), binding], args
+                self.redis, [k.runs, k.request(request_id), binding], args
             )
             code = int(r[0])
             if code == APPLIED:

@@ -250,8 +250,7 @@ async def start_server(
             port = server.add_secure_port(address, creds)
     except RuntimeError as exc:
         raise StartupError(
-            f"cannot listen on {address} (MOLLIFIER_LISTEN): in use, or not an address "
-            "of this host"
+            f"cannot listen on {address} (MOLLIFIER_LISTEN): in use, or not an address of this host"
         ) from exc
     host, _ = _split_listen(address)
     await server.start()
@@ -297,17 +296,6 @@ async def check_redis(redis: Any, settings: Settings) -> list[str]:
             log.error(problem)
         else:
             log.warning(problem)
-    # Memory, not safety: never a reason to refuse, so only a hint.
-    with contextlib.suppress(Exception):
-        listpack = value(
-            await redis.config_get("hash-max-listpack-value"), "hash-max-listpack-value"
-        )
-        if listpack.isdigit() and int(listpack) < 512:
-            log.info(
-                "Redis hash-max-listpack-value is %s: buffered runs take about twice the "
-                "memory they would with 1024 (see docs/operations.md)",
-                listpack,
-            )
     if problems and settings.strict_redis:
         raise StartupError("refusing to start (MOLLIFIER_STRICT_REDIS): " + "; ".join(problems))
     return problems

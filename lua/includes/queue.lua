@@ -1,0 +1,67 @@
+--[[
+  Shared: an env's queue of runs waiting to be leased, in two keys.
+
+    queue  LIST mf:{env}:ql   run ids accepted and never leased, in arrival
+                              order: RPUSH at accept, popped from the head
+    back   ZSET mf:{env}:qb   run id -> arrival score (`sc`): runs that came
+                              back (an expired lease, a backoff that ended, a
+                              retried dead letter)
+
+  A run comes back only after a lease took it from the head, so it is older
+  than every run still in the LIST (and later arrivals are newer still):
+  taking `back` in score order and then the LIST's head keeps arrival order
+  exactly. A LIST costs ~18 bytes a run where a ZSET member costs ~125, and
+  `back` stays small (only runs that came back).
+
+  The LIST is sorted by arrival score too (accept's scores strictly increase
+  per env), which is what queue_first_after's binary search relies on.
+]]
+-- Needs includes/entry (queue_first_after reads arrival scores).
+
+local function queue_len(queueKey, backKey)
+  return rcall("LLEN", queueKey) + rcall("ZCARD", backKey)
+end
+
+-- Up to n run ids from the head, removed: `back` first, then the LIST.
+local function queue_take(queueKey, backKey, n)
+  local ids = rcall("ZRANGE", backKey, 0, n - 1)
+  if #ids > 0 then
+    rcall("ZREMRANGEBYRANK", backKey, 0, #ids - 1)
+  end
+  if #ids < n then
+    local more = rcall("LPOP", queueKey, n - #ids)
+    if more then
+      for _, runId in ipairs(more) do
+        ids[#ids + 1] = runId
+      end
+    end
+  end
+  return ids
+end
+
+-- The arrival score of the LIST's run at index i (0-based); nil when the
+-- index is past the end, -1 when its entry is gone or has no score (so a
+-- search passes over it rather than stopping).
+local function queue_score_at(queueKey, runsKey, i)
+  local runId = rcall("LINDEX", queueKey, i)
+  if not runId then
+    return nil
+  end
+  local e = entry_get(runsKey, runId)
+  return (e and e[E_SC]) or -1
+end
+
+-- The index of the LIST's first run whose arrival score is above `score`
+-- (LLEN when none is): a binary search, ~2 log2(n) LINDEX and unpack calls.
+local function queue_first_after(queueKey, runsKey, score)
+  local lo, hi = 0, rcall("LLEN", queueKey)
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if (queue_score_at(queueKey, runsKey, mid) or math.huge) > score then
+      hi = mid
+    else
+      lo = mid + 1
+    end
+  end
+  return lo
+end
