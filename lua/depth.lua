@@ -25,7 +25,6 @@ if #first > 0 then
   head = tonumber(first[2])
 else
   head = queue_score_at(queueKey, runsKey, 0) or 0
-  if head < 0 then head = 0 end
 end
 local stale = 0
 if cutoff > 0 and head > 0 and head <= cutoff then

@@ -77,11 +77,22 @@ local function dead_letter(runId, e, reason)
   deadLettered = deadLettered + 1
 end
 
+-- A reference with no entry whose hash of the earlier layout is still there
+-- (upgrade.lua has not reached it): left where it is, for the upgrade to
+-- convert, rather than dropped. The drainer upgrades before its first lease,
+-- so this only guards a lease that came first anyway.
+local oldPrefix = string.sub(runsKey, 1, #runsKey - #"runs") .. "run:"
+local function waits_for_upgrade(runId)
+  return rcall("EXISTS", oldPrefix .. runId) == 1
+end
+
 -- Expired leases: back to the head, or dead-lettered when out of attempts.
 local expired = rcall("ZRANGEBYSCORE", leaseKey, "-inf", "(" .. now, "LIMIT", 0, reclaimMax)
 for _, runId in ipairs(expired) do
-  rcall("ZREM", leaseKey, runId)
   local e = entry_get(runsKey, runId)
+  if e or not waits_for_upgrade(runId) then
+    rcall("ZREM", leaseKey, runId)
+  end
   if e and not e[E_SC] then
     dead_letter(runId, e, "buffered run has no queue place (sc)")
   elseif e and (tonumber(e[E_AT]) or 0) >= maxAttempts then
@@ -101,8 +112,10 @@ end
 -- Backoff over: back to the queue at the arrival score.
 local due = rcall("ZRANGEBYSCORE", retryKey, "-inf", now, "LIMIT", 0, reclaimMax)
 for _, runId in ipairs(due) do
-  rcall("ZREM", retryKey, runId)
   local e = entry_get(runsKey, runId)
+  if e or not waits_for_upgrade(runId) then
+    rcall("ZREM", retryKey, runId)
+  end
   if e and e[E_SC] then
     rcall("ZADD", backKey, e[E_SC], runId)
   elseif e then

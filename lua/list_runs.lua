@@ -23,19 +23,34 @@ local cursor, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 
 local found = {}
 local entries = {}
-local back = rcall("ZRANGEBYSCORE", backKey, "(" .. ARGV[1], "+inf", "WITHSCORES", "LIMIT", 0, limit)
-for i = 1, #back, 2 do
-  found[#found + 1] = { back[i], tonumber(back[i + 1]) }
+-- A reference with no entry (should not happen) is passed over, and the page
+-- is still filled from the runs after it.
+local offset = 0
+while #found < limit do
+  local back = rcall("ZRANGEBYSCORE", backKey, "(" .. ARGV[1], "+inf", "WITHSCORES",
+    "LIMIT", offset, limit - #found)
+  if #back == 0 then break end
+  for i = 1, #back, 2 do
+    local e = entry_get(runsKey, back[i])
+    if e then
+      entries[back[i]] = e
+      found[#found + 1] = { back[i], tonumber(back[i + 1]) }
+    end
+  end
+  offset = offset + #back / 2
 end
-if #found < limit then
-  local from = queue_first_after(queueKey, runsKey, cursor)
-  for _, runId in ipairs(rcall("LRANGE", queueKey, from, from + limit - #found - 1)) do
+local pos = queue_first_after(queueKey, runsKey, cursor)
+while #found < limit do
+  local ids = rcall("LRANGE", queueKey, pos, pos + limit - #found - 1)
+  if #ids == 0 then break end
+  for _, runId in ipairs(ids) do
     local e = entry_get(runsKey, runId)
     if e and e[E_SC] then
       entries[runId] = e
       found[#found + 1] = { runId, e[E_SC] }
     end
   end
+  pos = pos + #ids
 end
 for i = 3, 5 do
   for _, runId in ipairs(rcall("ZRANGE", KEYS[i], 0, -1)) do

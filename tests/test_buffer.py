@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
 from mollifier.app import App
+from mollifier.buffer import depths
 from mollifier.codec import full_snapshot
 from mollifier.errors import DamagedEntry, InvalidArgument, NotFound, ResourceExhausted
 from mollifier.keys import env_keys
@@ -328,3 +329,34 @@ async def test_list_runs_pages_cover_every_run_once_in_order(
         with pytest.raises(InvalidArgument) as err:
             await app.buffer.list_runs(env, page_token="!!not a token!!")
         assert [f for f, _ in err.value.violations] == ["page_token"]
+
+
+async def test_a_queue_reference_with_no_entry_skips_nothing_else(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """A LIST reference whose entry is gone (damage) is passed over: the listing
+    still pages through every other run in order, the queue's head is the first
+    run that has an entry, and the next lease drops the reference."""
+    async with open_app(redis_url) as app:
+        env = new_env()
+        k = env_keys(env)
+        ids = [f"run_{i:02d}" for i in range(9)]
+        for run_id in ids:
+            await app.buffer.accept(snapshot(env, run_id))
+        for gone in ("run_00", "run_04", "run_05"):
+            await redis_client.hdel(k.runs, gone)
+        alive = [i for i in ids if i not in ("run_00", "run_04", "run_05")]
+        seen: list[str] = []
+        token = ""
+        while True:
+            runs, token = await app.buffer.list_runs(env, page_size=2, page_token=token)
+            seen += [r.run_id for r in runs]
+            if not token:
+                break
+        assert seen == alive
+        (depth,) = await depths(app.scripts, redis_client, [env])
+        first = await read_entry(redis_client, env, "run_01")
+        assert first is not None and depth.head_score == first["sc"]
+        assert depth.queued == len(ids)
+        batch = await app.drainer.lease_env(env, 100, 30_000, "tok")
+        assert [r.run_id for r in batch.runs] == alive

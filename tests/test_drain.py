@@ -748,14 +748,23 @@ async def test_runs_buffered_in_the_old_layout_are_moved_and_drained_once(app: A
     await app.redis.zadd(k.failed, {old[3].run_id: now - 1000})
     await put_old(4, old[4], "D", lt="gone-holder", at=1)
     await app.redis.zadd(k.lease, {old[4].run_id: now - 1})  # its holder is gone
+    backed_off = snap(env, org)
+    await put_old(5, backed_off, "Q", at=1)
+    await app.redis.zadd(k.retry, {backed_off.run_id: now - 1})  # its backoff is over
     await app.redis.hset(k.env, mapping={"org": org, "ls": now * 1000})
     await app.redis.sadd(org_envs_key(org), env)
     await app.redis.sadd(INDEX_ORGS, org)
     # A run accepted by this sidecar before the old ones were moved.
     await fill(app, [fresh])
 
+    # A lease that comes before the move leaves the old runs' references alone.
+    r = await app.scripts.lease(app.redis, [*k.buffered, k.runs], [0, 1000, "early", 5, 1000])
+    assert (int(r[2]), int(r[3])) == (0, 0)
+    assert await app.redis.zscore(k.lease, old[4].run_id) is not None
+    assert await app.redis.zscore(k.retry, backed_off.run_id) is not None
+
     d = drainer(app)
-    assert await d.upgrade_layout() == 5
+    assert await d.upgrade_layout() == 6
     assert await d.upgrade_layout() == 0
     assert await app.redis.exists(f"{tag}:q") == 0
     assert [key async for key in app.redis.scan_iter(match=f"{tag}:run:*")] == []
@@ -771,12 +780,15 @@ async def test_runs_buffered_in_the_old_layout_are_moved_and_drained_once(app: A
     assert await queue_ids(app.redis, env) == [s.run_id for s in old[:3]] + [fresh.run_id]
     batch = await d.lease_env(env, 10, 30_000, "tok-ol")
     assert batch.reclaimed == 1
-    # The expired lease came back at its arrival score, among the old ones.
-    expected = [*(s.run_id for s in old[:3]), old[4].run_id, fresh.run_id]
+    # The expired lease and the ended backoff came back at their arrival
+    # scores, among the old ones.
+    expected = [*(s.run_id for s in old[:3]), old[4].run_id, backed_off.run_id, fresh.run_id]
     assert [r.run_id for r in batch.runs] == expected
     await d.nack_env(env, "tok-ol", [r.run_id for r in batch.runs], delay_ms=1)
     await asyncio.sleep(0.01)
     await drain_until_empty(d)
     rows = await pg_rows(app, "env_id = %s", (env,))
-    assert sorted(r[0] for r in rows) == sorted(s.run_id for s in [*old[:3], old[4], fresh])
+    assert sorted(r[0] for r in rows) == sorted(
+        s.run_id for s in [*old[:3], old[4], backed_off, fresh]
+    )
     assert await app.redis.zrange(k.failed, 0, -1) == [old[3].run_id.encode()]

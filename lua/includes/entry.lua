@@ -37,11 +37,13 @@ local E_POS = { s = 1, st = 2, sc = 3, ca = 4, du = 5, ik = 6, at = 7, v = 8,
   lt = 9, le = 10, cx = 11, cr = 12 }
 
 -- A packed value as an entry table; one that cannot be unpacked reads as an
--- entry with nothing set (no snapshot: damaged), never as a script error.
+-- entry holding those bytes as its snapshot and nothing else, never as a
+-- script error: the drain then finds the snapshot undecodable and
+-- dead-letters it with the bytes kept, and readers report it damaged.
 local function entry_unpack(raw)
   local ok, e = pcall(cmsgpack.unpack, raw)
   if not ok or type(e) ~= "table" then
-    e = {}
+    e = { raw }
   end
   for i = 1, E_COUNT do
     if e[i] == nil then e[i] = false end

@@ -39,16 +39,24 @@ local function queue_take(queueKey, backKey, n)
   return ids
 end
 
--- The arrival score of the LIST's run at index i (0-based); nil when the
--- index is past the end, -1 when its entry is gone or has no score (so a
--- search passes over it rather than stopping).
+-- The arrival score of the LIST's run at index i (0-based), or nil when the
+-- index is past the end. A reference with no entry (or no score: damaged)
+-- reads as the next run's score, which keeps the LIST sorted for the binary
+-- search, and nil when no run after it has one.
 local function queue_score_at(queueKey, runsKey, i)
-  local runId = rcall("LINDEX", queueKey, i)
-  if not runId then
-    return nil
+  while true do
+    local ids = rcall("LRANGE", queueKey, i, i + 15)
+    if #ids == 0 then
+      return nil
+    end
+    for _, runId in ipairs(ids) do
+      local e = entry_get(runsKey, runId)
+      if e and e[E_SC] then
+        return e[E_SC]
+      end
+    end
+    i = i + #ids
   end
-  local e = entry_get(runsKey, runId)
-  return (e and e[E_SC]) or -1
 end
 
 -- The index of the LIST's first run whose arrival score is above `score`

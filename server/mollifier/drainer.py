@@ -250,6 +250,7 @@ class Drainer:
         self._picked_every_env = True
         self._stale_counts: dict[str, int] = {}
         self._layout_checked = False
+        self._layout_lock = asyncio.Lock()
         self._sweep_orgs: list[str] = []
         self._sweep_visited: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -324,22 +325,28 @@ class Drainer:
             self._wake.clear()
 
     async def _repair_in_background(self) -> None:
-        if not self._layout_checked:
-            try:
-                await self.upgrade_layout()
-                self._layout_checked = True
-            except Exception:
-                log.exception("moving runs from the old buffer layout failed")
         try:
             await self.repair_index()
         except Exception:
             log.exception("index repair failed")
 
+    async def _layout_ready(self) -> None:
+        """Before this drainer's first lease: runs of the earlier layout moved.
+        A lease before it would find an old run's expired lease or ended backoff
+        with no entry and drop the reference. Once per drainer; a failure raises
+        and the next lease tries again."""
+        if self._layout_checked:
+            return
+        async with self._layout_lock:
+            if not self._layout_checked:
+                await self.upgrade_layout()
+                self._layout_checked = True
+
     async def upgrade_layout(self) -> int:
-        """Move runs buffered by a sidecar of the earlier layout (a hash per run) into the
-        current layout (lua/upgrade.lua); returns how many were moved. Found by
-        one SCAN, done once per drainer start, beside the ticks: an env's old
-        runs wait in their old keys until then, and none is dropped."""
+        """Move runs buffered by a sidecar of the earlier layout (a hash per run)
+        into the current one (lua/upgrade.lua); returns how many were moved.
+        Found by one SCAN; each call of the script does a bounded amount of work
+        (UPGRADE_PER_CALL runs), so Redis is never held long."""
         envs: set[str] = set()
         async for raw in self.redis.scan_iter(match=OLD_RUN_PATTERN, count=1000):
             name = as_text(raw)
@@ -348,17 +355,26 @@ class Drainer:
         moved = 0
         for env_id in sorted(envs):
             k = env_keys(env_id)
+            keys = [k.back, k.runs, k.tag + ":q"]
+            old_prefix = k.tag + ":run:"
+            # Runs in the lease, retry and failed sets keep their place: only
+            # their hash becomes an entry, so paging those sets by rank is stable.
+            for key in (k.lease, k.retry, k.failed):
+                start = 0
+                while ids := [
+                    as_text(m)
+                    for m in await self.redis.zrange(key, start, start + UPGRADE_PER_CALL - 1)
+                ]:
+                    r = await self.scripts.upgrade(self.redis, keys, [old_prefix, 0, *ids])
+                    moved += int(r[0])
+                    start += len(ids)
             while True:
-                r = await self.scripts.upgrade(
-                    self.redis,
-                    [k.back, k.lease, k.retry, k.failed, k.runs, k.tag + ":q"],
-                    [k.tag + ":run:", UPGRADE_PER_CALL],
-                )
+                r = await self.scripts.upgrade(self.redis, keys, [old_prefix, UPGRADE_PER_CALL])
                 moved += int(r[0])
                 if int(r[1]) == 0:
                     break
         if moved:
-            log.info("runs moved from the old buffer layout", extra={"runs": moved})
+            log.info("runs moved from the earlier buffer layout", extra={"runs": moved})
         return moved
 
     async def _loop(self) -> None:
@@ -630,6 +646,7 @@ class Drainer:
     # -- lease / ack / nack primitives (one env) -------------------------------
 
     async def lease_env(self, env_id: str, max_runs: int, lease_ms: int, token: str) -> LeasedBatch:
+        await self._layout_ready()
         k = env_keys(env_id)
         r = await self.scripts.lease(
             self.redis,
