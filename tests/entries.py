@@ -28,7 +28,11 @@ def pack_entry(fields: dict[str, Any]) -> bytes:
     """An entry packed as the scripts pack it; a name left out is not set.
     cmsgpack reads msgpack's str type only, so bytes are packed as str too."""
     values = [fields.get(n, False) for n in ENTRY_NAMES]
-    packed: bytes = msgpack.packb([False if v is None else v for v in values], use_bin_type=False)
+    values = [False if v is None else v for v in values]
+    sc = values[2] if isinstance(values[2], int) and not isinstance(values[2], bool) else 0
+    if isinstance(values[7], int) and not isinstance(values[7], bool):
+        values[7] -= sc  # the version is packed as its distance from the arrival score
+    packed: bytes = msgpack.packb(values, use_bin_type=False)
     return packed
 
 
@@ -38,7 +42,11 @@ async def read_entry(redis: Any, env_id: str, run_id: str) -> dict[str, Any] | N
     if raw is None:
         return None
     values = msgpack.unpackb(raw, raw=True)
-    return {n: v for n, v in zip(ENTRY_NAMES, values, strict=False) if v is not False}
+    fields = {n: v for n, v in zip(ENTRY_NAMES, values, strict=False) if v is not False}
+    if isinstance(fields.get("v"), int):
+        sc = fields.get("sc")
+        fields["v"] += sc if isinstance(sc, int) else 0
+    return fields
 
 
 async def set_entry(redis: Any, env_id: str, run_id: str, **changes: Any) -> None:

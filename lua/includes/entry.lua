@@ -16,7 +16,8 @@
     8 v   version, raised by every change to the entry (compare-and-set); it
           starts at the arrival score, not at 1, so an entry made again for the
           same run id (a retried Accept after the run was drained) never meets a
-          version read from the earlier one
+          version read from the earlier one. Packed as its distance from the
+          arrival score (one byte, not nine); entry_unpack gives it whole
     9 lt  lease token (state D; the deadline is its score in the lease zset)
    10 le  last error
    11 cx  cancelled at (ms)
@@ -51,6 +52,7 @@ local function entry_unpack(raw)
   -- A queue place that is not a number is no queue place (damaged): the
   -- scripts compare and ZADD it, and a string there would stop them midway.
   e[E_SC] = tonumber(e[E_SC]) or false
+  e[E_V] = (tonumber(e[E_V]) or 0) + (e[E_SC] or 0)
   return e
 end
 
@@ -63,11 +65,16 @@ local function entry_get(runsKey, runId)
   return entry_unpack(raw)
 end
 
+-- Packs the entry; the table is left as it was (its version whole).
 local function entry_pack(e)
   for i = 1, E_COUNT do
     if e[i] == nil then e[i] = false end
   end
-  return cmsgpack.pack(e)
+  local version = e[E_V]
+  e[E_V] = (tonumber(version) or 0) - (tonumber(e[E_SC]) or 0)
+  local packed = cmsgpack.pack(e)
+  e[E_V] = version
+  return packed
 end
 
 local function entry_put(runsKey, runId, e)

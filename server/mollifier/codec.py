@@ -95,7 +95,12 @@ def entry_view(packed: bytes | None) -> tuple[Any, ...]:
         return (None, b"", *_NO_ENTRY[2:])
     n = len(e)
     # cmsgpack packs Lua's false as False: not set.
-    return tuple(None if i >= n or e[i] is False else e[i] for i in _VIEW_POSITIONS)
+    view = [None if i >= n or e[i] is False else e[i] for i in _VIEW_POSITIONS]
+    # The version is packed as its distance from the arrival score (entry.lua).
+    sc = e[2] if n > 2 and isinstance(e[2], int) and not isinstance(e[2], bool) else 0
+    if isinstance(view[8], int) and not isinstance(view[8], bool):
+        view[8] += sc
+    return tuple(view)
 
 
 def bare_snapshot(snap: run_pb2.RunSnapshot) -> bytes:
