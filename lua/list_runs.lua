@@ -39,15 +39,20 @@ while #found < limit do
   end
   offset = offset + #back / 2
 end
+-- Up to `limit` from the LIST too, even with the back set's page full: the
+-- back set is older than the LIST in every run of this layout, but the sort
+-- below, not that rule, is what orders the page.
 local pos = queue_first_after(queueKey, runsKey, cursor)
-while #found < limit do
-  local ids = rcall("LRANGE", queueKey, pos, pos + limit - #found - 1)
+local fromList = 0
+while fromList < limit do
+  local ids = rcall("LRANGE", queueKey, pos, pos + limit - fromList - 1)
   if #ids == 0 then break end
   for _, runId in ipairs(ids) do
     local e = entry_get(runsKey, runId)
     if e and e[E_SC] then
       entries[runId] = e
       found[#found + 1] = { runId, e[E_SC] }
+      fromList = fromList + 1
     end
   end
   pos = pos + #ids

@@ -792,3 +792,34 @@ async def test_runs_buffered_in_the_old_layout_are_moved_and_drained_once(app: A
         s.run_id for s in [*old[:3], old[4], backed_off, fresh]
     )
     assert await app.redis.zrange(k.failed, 0, -1) == [old[3].run_id.encode()]
+
+
+async def test_a_dead_letter_of_the_old_layout_retried_before_the_move_is_kept(app: App) -> None:
+    """RetryFailed meeting a dead letter still in the earlier layout neither
+    drops its reference (the script alone) nor retries it unmoved (the call)."""
+    env, org = "env_old_failed", "org_of"
+    k = env_keys(env)
+    s = snap(env, org)
+    now = now_ms()
+    score = (now - 60_000) * 1000
+    await app.redis.hset(
+        f"{k.tag}:run:{s.run_id}",
+        mapping={"s": s.SerializeToString(), "st": "F", "sc": score, "ca": now - 60_000,
+                 "org": org, "du": 0, "ik": "", "at": 5, "v": score, "le": "boom"},
+    )  # fmt: skip
+    await app.redis.zadd(k.failed, {s.run_id: now})
+    await app.redis.hset(k.env, mapping={"org": org, "ls": score})
+    await app.redis.sadd(org_envs_key(org), env)
+    await app.redis.sadd(INDEX_ORGS, org)
+    request_key = k.env
+    assert (
+        await app.scripts.retry_failed(
+            app.redis, [k.back, k.failed, request_key], [k.runs, "0", "0", s.run_id]
+        )
+        == 0
+    )
+    assert await app.redis.zscore(k.failed, s.run_id) is not None
+    d = drainer(app)
+    assert await d.retry_failed(env, [s.run_id]) == 1
+    await drain_until_empty(d)
+    assert [r[0] for r in await pg_rows(app, "env_id = %s", (env,))] == [s.run_id]

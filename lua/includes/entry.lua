@@ -51,8 +51,12 @@ local function entry_unpack(raw)
   end
   -- A queue place that is not a number is no queue place (damaged): the
   -- scripts compare and ZADD it, and a string there would stop them midway.
-  e[E_SC] = tonumber(e[E_SC]) or false
-  e[E_V] = (tonumber(e[E_V]) or 0) + (e[E_SC] or 0)
+  -- (cmsgpack unpacks numbers as numbers, so a string is never a valid one.)
+  if type(e[E_SC]) ~= "number" then e[E_SC] = false end
+  -- The same rule as the Python codec's entry_view: a value that is not a
+  -- number counts as 0.
+  local stored = type(e[E_V]) == "number" and e[E_V] or 0
+  e[E_V] = stored + (e[E_SC] or 0)
   return e
 end
 

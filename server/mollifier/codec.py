@@ -96,11 +96,16 @@ def entry_view(packed: bytes | None) -> tuple[Any, ...]:
     n = len(e)
     # cmsgpack packs Lua's false as False: not set.
     view = [None if i >= n or e[i] is False else e[i] for i in _VIEW_POSITIONS]
-    # The version is packed as its distance from the arrival score (entry.lua).
-    sc = e[2] if n > 2 and isinstance(e[2], int) and not isinstance(e[2], bool) else 0
-    if isinstance(view[8], int) and not isinstance(view[8], bool):
-        view[8] += sc
+    # The version is packed as its distance from the arrival score, and a value
+    # that is not a number counts as 0: the rule of entry_unpack in entry.lua,
+    # so a compare-and-set sends the version the script will compare with.
+    view[8] = _number(e, 7) + _number(e, 2)
     return tuple(view)
+
+
+def _number(values: list[Any], i: int) -> int:
+    v = values[i] if i < len(values) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
 def bare_snapshot(snap: run_pb2.RunSnapshot) -> bytes:

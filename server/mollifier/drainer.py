@@ -250,7 +250,7 @@ class Drainer:
         self._picked_every_env = True
         self._stale_counts: dict[str, int] = {}
         self._layout_checked = False
-        self._layout_lock = asyncio.Lock()
+        self._layout_task: asyncio.Task[int] | None = None
         self._sweep_orgs: list[str] = []
         self._sweep_visited: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -331,16 +331,19 @@ class Drainer:
             log.exception("index repair failed")
 
     async def _layout_ready(self) -> None:
-        """Before this drainer's first lease: runs of the earlier layout moved.
-        A lease before it would find an old run's expired lease or ended backoff
-        with no entry and drop the reference. Once per drainer; a failure raises
-        and the next lease tries again."""
+        """Before this drainer's first lease or retry of dead letters: runs of
+        the earlier layout moved. A lease before it would find an old run's
+        expired lease or ended backoff with no entry and drop the reference.
+        Once per drainer, in a task of its own: a caller that gives up (an RPC
+        deadline) does not stop it, and the next caller waits for the same one;
+        a failure raises and the next caller starts it again."""
         if self._layout_checked:
             return
-        async with self._layout_lock:
-            if not self._layout_checked:
-                await self.upgrade_layout()
-                self._layout_checked = True
+        task = self._layout_task
+        if task is None or (task.done() and (task.cancelled() or task.exception())):
+            task = self._layout_task = asyncio.create_task(self.upgrade_layout())
+        await asyncio.shield(task)
+        self._layout_checked = True
 
     async def upgrade_layout(self) -> int:
         """Move runs buffered by a sidecar of the earlier layout (a hash per run)
@@ -358,16 +361,20 @@ class Drainer:
             keys = [k.back, k.runs, k.tag + ":q"]
             old_prefix = k.tag + ":run:"
             # Runs in the lease, retry and failed sets keep their place: only
-            # their hash becomes an entry, so paging those sets by rank is stable.
+            # their hash becomes an entry. ZSCAN, not ranks: other drainers may
+            # change those sets meanwhile, and ZSCAN still returns every member
+            # that stays in a set for the whole scan.
             for key in (k.lease, k.retry, k.failed):
-                start = 0
-                while ids := [
-                    as_text(m)
-                    for m in await self.redis.zrange(key, start, start + UPGRADE_PER_CALL - 1)
-                ]:
+                ids: list[str] = []
+                async for member, _ in self.redis.zscan_iter(key, count=UPGRADE_PER_CALL):
+                    ids.append(as_text(member))
+                    if len(ids) >= UPGRADE_PER_CALL:
+                        r = await self.scripts.upgrade(self.redis, keys, [old_prefix, 0, *ids])
+                        moved += int(r[0])
+                        ids = []
+                if ids:
                     r = await self.scripts.upgrade(self.redis, keys, [old_prefix, 0, *ids])
                     moved += int(r[0])
-                    start += len(ids)
             while True:
                 r = await self.scripts.upgrade(self.redis, keys, [old_prefix, UPGRADE_PER_CALL])
                 moved += int(r[0])
@@ -1119,6 +1126,7 @@ class Drainer:
         if request_id:
             v.request_id("request_id", request_id)
         v.raise_if_any()
+        await self._layout_ready()
         k = env_keys(env_id)
         request_key = k.request("retry_failed:" + request_id) if request_id else k.env
         n = await self.scripts.retry_failed(
