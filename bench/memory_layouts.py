@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "server"))
 
 from mollifier.buffer import Buffer  # noqa: E402
-from mollifier.codec import full_snapshot  # noqa: E402
+from mollifier.codec import ENTRY_PACKED, full_snapshot  # noqa: E402
 from mollifier.config import Settings  # noqa: E402
 from mollifier.devstack import RedisProcess  # noqa: E402
 from mollifier.keys import env_keys  # noqa: E402
@@ -50,8 +50,7 @@ from mollifier.scripts import Scripts  # noqa: E402
 from bench.drain import ENVS, make_snapshots  # noqa: E402
 
 HOST = "127.0.0.1"  # where RedisProcess binds
-# The packed entry's values, in order (lua/includes/entry.lua).
-ENTRY_NAMES = ("s", "st", "sc", "ca", "du", "ik", "at", "v", "lt", "le", "cx", "cr")
+
 PIPE = 500  # commands per pipeline round trip while writing a layout
 
 # The key type too: hset's mapping is a Mapping, invariant in its keys.
@@ -413,7 +412,7 @@ def run_layouts(r: redis.Redis, port: int, n: int) -> None:
             if name.startswith("1b"):
                 stored = {
                     n: (f"<{len(v)} bytes>" if n == "s" else repr(v))
-                    for n, v in zip(ENTRY_NAMES, entry, strict=False)
+                    for n, v in zip(ENTRY_PACKED, entry, strict=False)
                 }
         elif name.startswith(("3", "4", "6a")):
             note = f"  [MEMORY USAGE {r.memory_usage(mid.key, samples=0)}]"

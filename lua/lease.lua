@@ -78,19 +78,13 @@ local function dead_letter(runId, e, reason)
 end
 
 -- A reference with no entry whose hash of the earlier layout is still there
--- (upgrade.lua has not reached it): left where it is, for the upgrade to
--- convert, rather than dropped. The drainer upgrades before its first lease,
--- so this only guards a lease that came first anyway.
-local oldPrefix = string.sub(runsKey, 1, #runsKey - #"runs") .. "run:"
-local function waits_for_upgrade(runId)
-  return rcall("EXISTS", oldPrefix .. runId) == 1
-end
-
+-- is left where it is (entry_waits_for_upgrade). The drainer upgrades before
+-- its first lease, so this only guards a lease that came first anyway.
 -- Expired leases: back to the head, or dead-lettered when out of attempts.
 local expired = rcall("ZRANGEBYSCORE", leaseKey, "-inf", "(" .. now, "LIMIT", 0, reclaimMax)
 for _, runId in ipairs(expired) do
   local e = entry_get(runsKey, runId)
-  if e or not waits_for_upgrade(runId) then
+  if e or not entry_waits_for_upgrade(runsKey, runId) then
     rcall("ZREM", leaseKey, runId)
   end
   if e and not e[E_SC] then
@@ -113,7 +107,7 @@ end
 local due = rcall("ZRANGEBYSCORE", retryKey, "-inf", now, "LIMIT", 0, reclaimMax)
 for _, runId in ipairs(due) do
   local e = entry_get(runsKey, runId)
-  if e or not waits_for_upgrade(runId) then
+  if e or not entry_waits_for_upgrade(runsKey, runId) then
     rcall("ZREM", retryKey, runId)
   end
   if e and e[E_SC] then

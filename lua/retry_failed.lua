@@ -23,9 +23,6 @@ local runsKey, hasRequest, all = ARGV[1], ARGV[2] == "1", ARGV[3] == "1"
 
 --- @include "includes/entry"
 
--- Where a run of the earlier layout keeps its hash (see upgrade.lua).
-local oldPrefix = string.sub(runsKey, 1, #runsKey - #"runs") .. "run:"
-
 if hasRequest then
   local stored = rcall("GET", requestKey)
   if stored then
@@ -53,7 +50,7 @@ for _, runId in ipairs(ids) do
       entry_put(runsKey, runId, e)
       rcall("ZADD", backKey, e[E_SC], runId)
       retried = retried + 1
-    elseif not e and rcall("EXISTS", oldPrefix .. runId) == 0 then
+    elseif not e and not entry_waits_for_upgrade(runsKey, runId) then
       -- A reference to nothing: dropped. An entry without its queue place
       -- (damaged) stays in the failed set, readable, rather than in no set;
       -- so does a run still in the earlier layout (upgrade.lua moves it).

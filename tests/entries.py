@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+from mollifier.codec import ENTRY_PACKED as ENTRY_NAMES
 from mollifier.keys import env_keys
 
 __all__ = [
@@ -19,9 +20,6 @@ __all__ = [
     "set_entry",
     "set_members",
 ]
-
-# The packed entry's values, in order (lua/includes/entry.lua).
-ENTRY_NAMES = ("s", "st", "sc", "ca", "du", "ik", "at", "v", "lt", "le", "cx", "cr")
 
 
 def pack_entry(fields: dict[str, Any]) -> bytes:

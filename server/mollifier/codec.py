@@ -16,6 +16,7 @@ from .errors import DamagedEntry
 
 __all__ = [
     "ENTRY_FIELDS",
+    "ENTRY_PACKED",
     "as_text",
     "bare_snapshot",
     "decode_snapshot",
@@ -31,8 +32,11 @@ __all__ = [
 
 # The fields entry_view() in lua/includes/entry.lua returns, in order.
 ENTRY_FIELDS = ("s", "st", "ca", "at", "le", "cx", "cr", "du", "v")
-# Their places in a packed entry (lua/includes/entry.lua), 0-based.
-_VIEW_POSITIONS = (0, 1, 3, 6, 9, 10, 11, 4, 7)
+# A packed entry's values, in order (lua/includes/entry.lua, E_S ... E_CR).
+ENTRY_PACKED = ("s", "st", "sc", "ca", "du", "ik", "at", "v", "lt", "le", "cx", "cr")
+_VIEW_POSITIONS = tuple(ENTRY_PACKED.index(name) for name in ENTRY_FIELDS)
+_SC, _V = ENTRY_PACKED.index("sc"), ENTRY_PACKED.index("v")
+_VIEW_V = ENTRY_FIELDS.index("v")
 _NO_ENTRY: tuple[None, ...] = (None,) * len(ENTRY_FIELDS)
 
 _RUN_ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -99,7 +103,7 @@ def entry_view(packed: bytes | None) -> tuple[Any, ...]:
     # The version is packed as its distance from the arrival score, and a value
     # that is not a number counts as 0: the rule of entry_unpack in entry.lua,
     # so a compare-and-set sends the version the script will compare with.
-    view[8] = _number(e, 7) + _number(e, 2)
+    view[_VIEW_V] = _number(e, _V) + _number(e, _SC)
     return tuple(view)
 
 

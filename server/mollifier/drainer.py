@@ -357,31 +357,39 @@ class Drainer:
                 envs.add(name[4 : name.index("}:run:")])
         moved = 0
         for env_id in sorted(envs):
-            k = env_keys(env_id)
-            keys = [k.back, k.runs, k.tag + ":q"]
-            old_prefix = k.tag + ":run:"
-            # Runs in the lease, retry and failed sets keep their place: only
-            # their hash becomes an entry. ZSCAN, not ranks: other drainers may
-            # change those sets meanwhile, and ZSCAN still returns every member
-            # that stays in a set for the whole scan.
-            for key in (k.lease, k.retry, k.failed):
-                ids: list[str] = []
-                async for member, _ in self.redis.zscan_iter(key, count=UPGRADE_PER_CALL):
-                    ids.append(as_text(member))
-                    if len(ids) >= UPGRADE_PER_CALL:
-                        r = await self.scripts.upgrade(self.redis, keys, [old_prefix, 0, *ids])
-                        moved += int(r[0])
-                        ids = []
-                if ids:
-                    r = await self.scripts.upgrade(self.redis, keys, [old_prefix, 0, *ids])
-                    moved += int(r[0])
-            while True:
-                r = await self.scripts.upgrade(self.redis, keys, [old_prefix, UPGRADE_PER_CALL])
-                moved += int(r[0])
-                if int(r[1]) == 0:
-                    break
+            moved += await self._upgrade_env(env_id)
         if moved:
             log.info("runs moved from the earlier buffer layout", extra={"runs": moved})
+        return moved
+
+    async def _upgrade_env(self, env_id: str) -> int:
+        """One env's part of upgrade_layout; returns how many runs were moved."""
+        k = env_keys(env_id)
+        keys = [k.back, k.runs, k.tag + ":q"]
+        old_prefix = k.tag + ":run:"
+        moved = 0
+
+        async def upgrade(most: int, ids: Sequence[str] = ()) -> int:
+            nonlocal moved
+            r = await self.scripts.upgrade(self.redis, keys, [old_prefix, most, *ids])
+            moved += int(r[0])
+            return int(r[1])  # runs still in the old queue
+
+        # Runs in the lease, retry and failed sets keep their place: only their
+        # hash becomes an entry. ZSCAN, not ranks: other drainers may change
+        # those sets meanwhile, and ZSCAN still returns every member that stays
+        # in a set for the whole scan.
+        for key in (k.lease, k.retry, k.failed):
+            ids: list[str] = []
+            async for member, _ in self.redis.zscan_iter(key, count=UPGRADE_PER_CALL):
+                ids.append(as_text(member))
+                if len(ids) >= UPGRADE_PER_CALL:
+                    await upgrade(0, ids)
+                    ids = []
+            if ids:
+                await upgrade(0, ids)
+        while await upgrade(UPGRADE_PER_CALL):
+            pass
         return moved
 
     async def _loop(self) -> None:
