@@ -29,6 +29,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from mollifier_client.v1 import run_pb2
 
@@ -135,6 +136,14 @@ async def buffer_depth(app: App) -> int:
 
 MEMORY: dict[str, float] = {}
 CPU: dict[str, float] = {}
+SCHED: dict[str, tuple[float, float]] = {}
+
+
+def _postmaster_pid(pg: PostgresProcess) -> int | None:
+    try:
+        return int((pg.pgdata / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def postgres_cpu_s(pg: PostgresProcess) -> float:
@@ -142,16 +151,74 @@ def postgres_cpu_s(pg: PostgresProcess) -> float:
     backends); 0.0 when /proc cannot be read."""
     from bench.stores import process_cpu
 
-    try:
-        root = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0.0
+    root = _postmaster_pid(pg)
     return sum(cpu for pid, ppid, cpu in process_cpu() if root in (pid, ppid))
 
 
 async def redis_cpu_s(app: App) -> float:
     info = await app.redis.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def postgres_pids(pg: PostgresProcess) -> list[int]:
+    """The postmaster and its children (the backends)."""
+    from bench.stores import process_cpu
+
+    root = _postmaster_pid(pg)
+    return [pid for pid, ppid, _ in process_cpu() if root in (pid, ppid)]
+
+
+def schedstat(pids: list[int]) -> dict[int, tuple[int, int]]:
+    """(ns running, ns runnable but waiting for a CPU) of each process, from
+    /proc/<pid>/schedstat; processes gone or unreadable are left out."""
+    out: dict[int, tuple[int, int]] = {}
+    for pid in pids:
+        try:
+            run, wait, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+        except (OSError, ValueError):
+            continue
+        out[pid] = (int(run), int(wait))
+    return out
+
+
+def sched_delta(
+    before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]
+) -> tuple[float, float]:
+    """Seconds run and waited for a CPU between the two readings (a process
+    started in between counts from zero)."""
+    run = wait = 0
+    for pid, (r, w) in after.items():
+        r0, w0 = before.get(pid, (0, 0))
+        run, wait = run + r - r0, wait + w - w0
+    return run / 1e9, wait / 1e9
+
+
+class LoopIdle:
+    """Time the event loop spends in its selector, waiting for I/O: what is
+    left of the wall time is the loop at work or waiting for a CPU."""
+
+    def __init__(self) -> None:
+        self.idle_s = 0.0
+        self._selector: Any = getattr(asyncio.get_running_loop(), "_selector", None)
+        self._select: Any = None
+
+    def __enter__(self) -> LoopIdle:
+        if self._selector is not None:
+            self._select = select = self._selector.select
+
+            def timed(timeout: float | None = None) -> Any:
+                start = time.perf_counter()
+                try:
+                    return select(timeout)
+                finally:
+                    self.idle_s += time.perf_counter() - start
+
+            self._selector.select = timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._selector is not None:
+            self._selector.select = self._select
 
 
 def own_cpu_s() -> float:
@@ -192,15 +259,24 @@ async def time_drain(
     drainer = app.drainer
     drainer.settings = app.settings.replace(drain_enabled=True)
     target = drainer.materialized_total + len(snaps)
+    redis_pid = int((await app.redis.info("server"))["process_id"])
+    groups = {"drainer": [os.getpid()], "redis": [redis_pid]}
+    sched_before = {name: schedstat(pids) for name, pids in groups.items()}
+    sched_before["postgres"] = schedstat(postgres_pids(pg))
     cpu_before = (own_cpu_s(), await redis_cpu_s(app), postgres_cpu_s(pg))
     start = time.perf_counter()
-    drainer.start()
-    # Poll the drainer's own counter (no Redis round trips competing with it),
-    # then confirm with Redis that the buffer is empty.
-    while drainer.materialized_total < target or await buffer_depth(app) > 0:  # noqa: ASYNC110
-        await asyncio.sleep(0.005)
+    with LoopIdle() as loop_idle:
+        drainer.start()
+        # Poll the drainer's own counter (no Redis round trips competing with
+        # it), then confirm with Redis that the buffer is empty.
+        while drainer.materialized_total < target or await buffer_depth(app) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
     drain_s = time.perf_counter() - start
     cpu_after = (own_cpu_s(), await redis_cpu_s(app), postgres_cpu_s(pg))
+    groups["postgres"] = postgres_pids(pg)
+    for name, pids in groups.items():
+        SCHED[name] = sched_delta(sched_before[name], schedstat(pids))
+    SCHED["loop idle"] = (loop_idle.idle_s, drain_s)
     for name, before, after in zip(
         ("drainer", "redis", "postgres"), cpu_before, cpu_after, strict=True
     ):
@@ -282,6 +358,7 @@ async def main(runs: int, loop_runs: int, **drain: int) -> str:
         f"- Drainer CPU per run: {CPU['drainer']:.1f} us in the drainer's process, "
         f"{CPU['redis']:.1f} us in Redis, {CPU['postgres']:.1f} us in Postgres "
         f"({sum(CPU.values()):.1f} us in all, on {os.cpu_count()} cores).",
+        _sched_line(),
         f"- Buffering {runs:,} runs through Buffer.accept: {accept_s:.2f} s "
         f"({runs / accept_s:,.0f} runs/s).",
         f"- Redis memory per buffered run: {m['used_memory_per_run']:,.0f} bytes "
@@ -291,6 +368,22 @@ async def main(runs: int, loop_runs: int, **drain: int) -> str:
         f"{per_run:.2f}x (target <= 1.5x: {'meets' if per_run <= 1.5 else 'MISSES'}).",
     ]
     return "\n".join(out)
+
+
+def _sched_line() -> str:
+    """Where the drain's wall time went: the loop's wait for I/O, and each
+    process's time running and waiting for a CPU (/proc/<pid>/schedstat)."""
+    idle, wall = SCHED["loop idle"]
+    parts = [
+        f"{name} {run * 1e3:,.0f} ms running, {wait * 1e3:,.0f} ms waiting"
+        for name, (run, wait) in SCHED.items()
+        if name != "loop idle"
+    ]
+    return (
+        f"- Drain wall time {wall * 1e3:,.0f} ms on {os.cpu_count()} cores; the drainer's event "
+        f"loop waited for I/O {idle / wall:.0%} of it; by process, running and runnable but "
+        f"waiting for a CPU: {'; '.join(parts)}."
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 from mollifier.codec import now_ms, ts_from_ms
 from mollifier.materializer import (
     Entry,
+    LeaseLost,
     Outcome,
     is_retryable,
     materialize_batch,
@@ -326,3 +327,28 @@ async def test_write_batch_answers_none_only_when_every_run_is_new(
     assert [(r.outcome, r.resolved_run_id == r.run_id) for r in full] == [
         (Outcome.CREATED, True)
     ] * 2
+
+
+@pytest.mark.parametrize(
+    ("how", "keyed"),
+    [("copy", False), ("copy", True), ("unnest", False), ("one", False)],
+)
+async def test_a_lease_lost_before_commit_writes_nothing(
+    pool: AsyncConnectionPool, how: str, keyed: bool
+) -> None:
+    """The commit check runs after the rows are sent and before they commit: an
+    unkeyed COPY is its own transaction (no BEGIN), a keyed one shares one with
+    the release of expired keys; either way a lost lease leaves no row."""
+    n = 1 if how == "one" else 3
+    extra = {"idempotency_key": "k-lost"} if keyed else {}
+    entries = [Entry.from_snapshot(snap(**extra if i == 0 else {})) for i in range(n)]
+    method = "unnest" if how == "unnest" else "copy"
+    with pytest.raises(LeaseLost):
+        await write_batch(pool, entries, check=lambda: False, method=method)
+    for e in entries:
+        assert await read_run(pool, "env_a", e.run_id) is None
+    # The connection went back to the pool usable, and the same batch commits.
+    results = await write_batch(pool, entries, check=lambda: True, method=method)
+    assert results is None or [r.outcome for r in results] == [Outcome.CREATED] * n
+    for e in entries:
+        assert await read_run(pool, "env_a", e.run_id) is not None

@@ -22,6 +22,7 @@ __all__ = [
     "decode_snapshot",
     "entry_to_run",
     "entry_view",
+    "env_field",
     "full_snapshot",
     "key_expires_ms",
     "ms_from_ts",
@@ -126,8 +127,11 @@ def bare_snapshot(snap: run_pb2.RunSnapshot) -> bytes:
 def _field(number: int, text: str) -> bytes:
     """One length-delimited protobuf field (a string of any length)."""
     data = text.encode()
-    out = bytearray([number << 3 | 2])
     n = len(data)
+    if n < 0x80:
+        # Ids are short: a one-byte length, without building a varint.
+        return bytes((number << 3 | 2, n)) + data
+    out = bytearray([number << 3 | 2])
     while n > 0x7F:
         out.append(n & 0x7F | 0x80)
         n >>= 7
@@ -135,12 +139,19 @@ def _field(number: int, text: str) -> bytes:
     return bytes(out) + data
 
 
-def full_snapshot(env_id: str, run_id: str, bare: bytes) -> bytes:
+def env_field(env_id: str) -> bytes:
+    """The env id as the snapshot field full_snapshot appends (field 2): made
+    once for every run of a batch."""
+    return _field(2, env_id)
+
+
+def full_snapshot(env_id: str, run_id: str, bare: bytes, env_bytes: bytes = b"") -> bytes:
     """A buffered snapshot's bytes with its ids put back: fields 1 (run_id) and
-    2 (env_id) appended, which a parser reads as if they came first. An id the
-    bytes already hold (an entry written before ids were left out) is written
-    again with the same value, which reads the same."""
-    return bare + _field(1, run_id) + _field(2, env_id)
+    2 (env_id, or ``env_bytes`` from env_field) appended, which a parser reads
+    as if they came first. An id the bytes already hold (an entry written
+    before ids were left out) is written again with the same value, which
+    reads the same."""
+    return bare + _field(1, run_id) + (env_bytes or _field(2, env_id))
 
 
 def decode_snapshot(env_id: str, run_id: str, raw: bytes | None) -> run_pb2.RunSnapshot:

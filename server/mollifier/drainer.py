@@ -45,6 +45,7 @@ from .codec import (
     decode_snapshot,
     entry_to_run,
     entry_view,
+    env_field,
     full_snapshot,
     now_ms,
     ts_from_ms,
@@ -325,6 +326,14 @@ class Drainer:
             self._wake.clear()
 
     async def _repair_in_background(self) -> None:
+        if self._layout_checked:
+            # Again beside every repair, not only before the first lease: a
+            # sidecar of the earlier layout still running (a rolling deploy)
+            # buffers runs this drainer would otherwise never see.
+            try:
+                await self.upgrade_layout()
+            except Exception:
+                log.exception("moving runs of the earlier layout failed")
         try:
             await self.repair_index()
         except Exception:
@@ -833,6 +842,7 @@ class Drainer:
         ids: list[str] = []
         damaged: list[tuple[str, str]] = []
         f = batch.flat
+        env_bytes = env_field(env_id)
         # Straight from the flat reply (runId, s, ca, at, cx, cr, le per run):
         # one Entry per run and nothing else, this being the drain's hot loop.
         for run_id_b, raw, ca, cx, cr in zip(
@@ -844,7 +854,7 @@ class Drainer:
                 snap = decode_snapshot(env_id, run_id, raw)
                 # The buffer keeps the snapshot without its ids; the row's
                 # snapshot column gets them back.
-                full = full_snapshot(env_id, run_id, raw)
+                full = full_snapshot(env_id, run_id, raw, env_bytes)
                 reason = cr.decode() if cr else ""
                 entry = Entry(snap, _int(ca), _int(cx) if cx else 0, reason, full)
             except DamagedEntry as exc:
