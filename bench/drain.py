@@ -169,15 +169,19 @@ def postgres_pids(pg: PostgresProcess) -> list[int]:
 
 
 def schedstat(pids: list[int]) -> dict[int, tuple[int, int]]:
-    """(ns running, ns runnable but waiting for a CPU) of each process, from
-    /proc/<pid>/schedstat; processes gone or unreadable are left out."""
+    """(ns running, ns runnable but waiting for a CPU) of each process, all its
+    threads together, from /proc/<pid>/task/*/schedstat; processes gone or
+    unreadable are left out (a backend that exits during the drain too)."""
     out: dict[int, tuple[int, int]] = {}
     for pid in pids:
+        run = wait = 0
         try:
-            run, wait, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                r, w, _ = (task / "schedstat").read_text().split()
+                run, wait = run + int(r), wait + int(w)
         except (OSError, ValueError):
             continue
-        out[pid] = (int(run), int(wait))
+        out[pid] = (run, wait)
     return out
 
 
@@ -194,8 +198,8 @@ def sched_delta(
 
 
 class LoopIdle:
-    """Time the event loop spends in its selector, waiting for I/O: what is
-    left of the wall time is the loop at work or waiting for a CPU."""
+    """Time the event loop spends in its selector: waiting for I/O, and also
+    (an upper bound, then) waiting for a CPU after the selector's wake-up."""
 
     def __init__(self) -> None:
         self.idle_s = 0.0
@@ -381,8 +385,8 @@ def _sched_line() -> str:
     ]
     return (
         f"- Drain wall time {wall * 1e3:,.0f} ms on {os.cpu_count()} cores; the drainer's event "
-        f"loop waited for I/O {idle / wall:.0%} of it; by process, running and runnable but "
-        f"waiting for a CPU: {'; '.join(parts)}."
+        f"loop was in its selector (waiting for I/O, at most) {idle / wall:.0%} of it; by "
+        f"process, running and runnable but waiting for a CPU: {'; '.join(parts)}."
     )
 
 

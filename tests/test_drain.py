@@ -794,51 +794,6 @@ async def test_runs_buffered_in_the_old_layout_are_moved_and_drained_once(app: A
     assert await app.redis.zrange(k.failed, 0, -1) == [old[3].run_id.encode()]
 
 
-async def test_runs_an_earlier_sidecar_buffers_after_the_move_are_moved_too(
-    app: App, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A rolling deploy: a sidecar of the earlier layout still buffers runs
-    after this drainer's first move. The drainer moves again beside each index
-    repair, so such a run becomes a row while the drainer runs, exactly once."""
-    import mollifier.drainer as drainer_module
-
-    monkeypatch.setattr(drainer_module, "REPAIR_INTERVAL_S", 0.1)
-    env, org = "env_late_old", "org_lo"
-    k = env_keys(env)
-    first = snap(env, org)
-    await fill(app, [first])
-    d = drainer(app, drain_idle_ms=20)
-    d.start()
-    try:
-        for _ in range(200):
-            if await pg_rows(app, "run_id = %s", (first.run_id,)):
-                break
-            await asyncio.sleep(0.05)
-        assert d._layout_checked
-        late = snap(env, org)
-        now = now_ms()
-        score = now * 1000
-        await app.redis.hset(f"{k.tag}:run:{late.run_id}", mapping={
-            "s": late.SerializeToString(), "st": "Q", "sc": score, "ca": now, "org": org,
-            "du": 0, "ik": "", "at": 0, "v": score,
-        })  # fmt: skip
-        await app.redis.zadd(f"{k.tag}:q", {late.run_id: score})
-        await app.redis.sadd(org_envs_key(org), env)
-        await app.redis.sadd(INDEX_ORGS, org)
-        for _ in range(200):
-            if await pg_rows(app, "run_id = %s", (late.run_id,)):
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        await d.stop(5)
-    assert [r[0] for r in await pg_rows(app, "env_id = %s", (env,))] in (
-        [first.run_id, late.run_id],
-        [late.run_id, first.run_id],
-    )
-    assert await app.redis.exists(f"{k.tag}:q", f"{k.tag}:run:{late.run_id}") == 0
-    assert await app.redis.hlen(k.runs) == 0
-
-
 async def test_a_dead_letter_of_the_old_layout_retried_before_the_move_is_kept(app: App) -> None:
     """RetryFailed meeting a dead letter still in the earlier layout neither
     drops its reference (the script alone) nor retries it unmoved (the call)."""

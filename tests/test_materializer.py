@@ -22,6 +22,7 @@ from mollifier.materializer import (
 )
 from mollifier.migrations import migrate
 from mollifier_client.v1 import run_pb2
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 _ids = itertools.count(1)
@@ -343,12 +344,15 @@ async def test_a_lease_lost_before_commit_writes_nothing(
     extra = {"idempotency_key": "k-lost"} if keyed else {}
     entries = [Entry.from_snapshot(snap(**extra if i == 0 else {})) for i in range(n)]
     method = "unnest" if how == "unnest" else "copy"
-    with pytest.raises(LeaseLost):
-        await write_batch(pool, entries, check=lambda: False, method=method)
-    for e in entries:
-        assert await read_run(pool, "env_a", e.run_id) is None
-    # The connection went back to the pool usable, and the same batch commits.
-    results = await write_batch(pool, entries, check=lambda: True, method=method)
-    assert results is None or [r.outcome for r in results] == [Outcome.CREATED] * n
+    async with pool.connection() as conn:
+        with pytest.raises(LeaseLost):
+            await write_batch(conn, entries, check=lambda: False, method=method)
+        # Nothing left open on the connection, and the same batch commits on it.
+        assert conn.info.transaction_status == TransactionStatus.IDLE
+        for e in entries:
+            assert await read_run(pool, "env_a", e.run_id) is None
+        results = await write_batch(conn, entries, check=lambda: True, method=method)
+        assert results is None or [r.outcome for r in results] == [Outcome.CREATED] * n
+        assert conn.info.transaction_status == TransactionStatus.IDLE
     for e in entries:
         assert await read_run(pool, "env_a", e.run_id) is not None

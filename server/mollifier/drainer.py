@@ -326,14 +326,6 @@ class Drainer:
             self._wake.clear()
 
     async def _repair_in_background(self) -> None:
-        if self._layout_checked:
-            # Again beside every repair, not only before the first lease: a
-            # sidecar of the earlier layout still running (a rolling deploy)
-            # buffers runs this drainer would otherwise never see.
-            try:
-                await self.upgrade_layout()
-            except Exception:
-                log.exception("moving runs of the earlier layout failed")
         try:
             await self.repair_index()
         except Exception:

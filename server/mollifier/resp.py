@@ -202,6 +202,16 @@ class DirectPipeline:
         self._progress_at = 0.0
         self._connected_at = 0.0
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _running(self) -> asyncio.AbstractEventLoop:
+        """The loop the connection lives on, looked up once: on Python 3.11
+        asyncio.get_running_loop() makes a getpid() system call every time,
+        and a gate decision needed several."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     # -- the public surface ----------------------------------------------------
 
@@ -216,7 +226,7 @@ class DirectPipeline:
         # every later caller someone else's reply.
         if size < 1 or (type(build) is bytes and size != 1):
             raise ValueError(f"a call of {size} commands cannot be matched to its replies")
-        loop = asyncio.get_running_loop()
+        loop = self._running()
         fut: asyncio.Future[list[Any]] = loop.create_future()
         if self._closed:
             fut.set_exception(RedisConnectionError("the connection is closed"))
@@ -261,7 +271,7 @@ class DirectPipeline:
     def _expire(self) -> None:
         """Fail the calls whose deadline has passed; re-arm for the next one."""
         self._timer = None
-        loop = asyncio.get_running_loop()
+        loop = self._running()
         now = loop.time()
         deadlines = self._deadlines
         while deadlines:
@@ -300,7 +310,7 @@ class DirectPipeline:
 
     def _flush(self) -> None:
         self._scheduled = False
-        loop = asyncio.get_running_loop()
+        loop = self._running()
         now = loop.time()
         proto = self._proto
         if proto is not None and self._stalled(now):
@@ -361,7 +371,7 @@ class DirectPipeline:
     def _on_data(self, proto: _Protocol, data: bytes) -> None:
         if proto is not self._proto:
             return
-        self._progress_at = asyncio.get_running_loop().time()
+        self._progress_at = self._running().time()
         reader = self._reader
         reader.feed(data)
         resend: list[_Call] = []
@@ -396,7 +406,7 @@ class DirectPipeline:
             self._flush()
 
     def _stream_broken(self, resend: list[_Call], error: BaseException) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._running()
         for call in resend:
             if not call.fut.done():
                 call.fut.set_exception(error)
@@ -438,7 +448,7 @@ class DirectPipeline:
             for source in loads:
                 batch.chunks.append(_pack(("SCRIPT", "LOAD", source)))
 
-        loop = asyncio.get_running_loop()
+        loop = self._running()
         ignored: asyncio.Future[list[Any]] = loop.create_future()
         ignored.add_done_callback(_consume)
         again = [_Call(load, len(loads), ignored)]
@@ -476,7 +486,7 @@ class DirectPipeline:
         self._connecting = loop.create_task(self._connect())
 
     async def _connect(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._running()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 proto = await self._open(loop)
@@ -568,7 +578,7 @@ class DirectPipeline:
         if proto is not self._proto:
             return
         self._proto = None
-        now = asyncio.get_running_loop().time()
+        now = self._running().time()
         if now - self._connected_at < 1.0:
             # Accepted, then closed at once (maxclients, a proxy without its
             # backend): back off like a refused connect, not a connect per turn.
@@ -576,7 +586,7 @@ class DirectPipeline:
             self._last_error = RedisConnectionError(f"Redis closed the connection: {exc!r}")
         self._drop(RedisConnectionError(f"connection to Redis lost: {exc!r}"))
         if self._queued and not self._closed:
-            self._schedule(asyncio.get_running_loop())
+            self._schedule(self._running())
 
     def _abort(self, error: BaseException) -> None:
         proto = self._proto
