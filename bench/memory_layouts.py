@@ -69,7 +69,7 @@ class Run:
         self.rid = snap.run_id
         self.env = snap.env_id
         self.org = snap.org_id
-        self.key = f"{k.tag}:run:{snap.run_id}"  # the hash per run of earlier rounds
+        self.key = k.old_run_prefix + snap.run_id  # the hash per run of earlier rounds
         self.q = k.queue
         self.s = snap.SerializeToString()
         bare = run_pb2.RunSnapshot()

@@ -52,7 +52,7 @@ from .codec import (
 )
 from .config import Settings
 from .errors import DamagedEntry
-from .keys import DRAIN_PAUSED, INDEX_ORGS, env_keys, org_envs_key
+from .keys import DRAIN_PAUSED, INDEX_ORGS, OLD_RUN_PATTERN, env_keys, old_run_env, org_envs_key
 from .materializer import (
     Entry,
     LeaseLost,
@@ -74,10 +74,8 @@ log = logging.getLogger("mollifier.drainer")
 BACKOFF_CAP_MS = 60_000
 MAX_LEASE_RUNS = 1000
 RECLAIM_PER_CALL = 1000
-# Runs upgrade.lua moves out of an env's old queue per call, and the keys the
-# earlier layout kept a run in (a hash per run).
+# Runs upgrade.lua moves out of an env's old queue per call.
 UPGRADE_PER_CALL = 1000
-OLD_RUN_PATTERN = "mf:{*}:run:*"
 REPAIR_INTERVAL_S = 30.0
 SWEEP_INTERVAL_S = 5.0
 SWEEP_ORGS_PER_PASS = 100
@@ -353,9 +351,9 @@ class Drainer:
         (UPGRADE_PER_CALL runs), so Redis is never held long."""
         envs: set[str] = set()
         async for raw in self.redis.scan_iter(match=OLD_RUN_PATTERN, count=1000):
-            name = as_text(raw)
-            if name.startswith("mf:{") and "}:run:" in name:
-                envs.add(name[4 : name.index("}:run:")])
+            env_id = old_run_env(as_text(raw))
+            if env_id is not None:
+                envs.add(env_id)
         moved = 0
         for env_id in sorted(envs):
             moved += await self._upgrade_env(env_id)
@@ -366,8 +364,8 @@ class Drainer:
     async def _upgrade_env(self, env_id: str) -> int:
         """One env's part of upgrade_layout; returns how many runs were moved."""
         k = env_keys(env_id)
-        keys = [k.back, k.runs, k.tag + ":q"]
-        old_prefix = k.tag + ":run:"
+        keys = [k.back, k.runs, k.old_queue]
+        old_prefix = k.old_run_prefix
         moved = 0
 
         async def upgrade(most: int, ids: Sequence[str] = ()) -> int:

@@ -16,10 +16,12 @@ __all__ = [
     "DRAIN_COUNTERS_PREFIX",
     "DRAIN_PAUSED",
     "INDEX_ORGS",
+    "OLD_RUN_PATTERN",
     "STATS_TOTAL_DEPTH",
     "WRITE_SLOTS",
     "EnvKeys",
     "env_keys",
+    "old_run_env",
     "org_envs_key",
 ]
 
@@ -35,6 +37,20 @@ DRAIN_COUNTERS_PREFIX = f"{PREFIX}:drain:counters:"
 STATS_TOTAL_DEPTH = f"{PREFIX}:stats:depth"
 # ZSET holder -> lapses at (ms): the Postgres write slots in use (write_slot.lua).
 WRITE_SLOTS = f"{PREFIX}:pg:slots"
+
+
+# The earlier buffer layout, a HASH per run (mf:{env}:run:<run_id>) and the
+# queue a ZSET (EnvKeys.old_queue): only read to move such runs into the
+# current layout (lua/upgrade.lua). The SCAN pattern of those run hashes:
+OLD_RUN_PATTERN = f"{PREFIX}:{{*}}:run:*"
+_OLD_RUN_HEAD, _OLD_RUN_SEP = f"{PREFIX}:{{", "}:run:"
+
+
+def old_run_env(key: str) -> str | None:
+    """The env id of a run hash of the earlier layout; None for another key."""
+    if not key.startswith(_OLD_RUN_HEAD) or _OLD_RUN_SEP not in key:
+        return None
+    return key[len(_OLD_RUN_HEAD) : key.index(_OLD_RUN_SEP)]
 
 
 def org_envs_key(org_id: str) -> str:
@@ -103,6 +119,16 @@ class EnvKeys:
         """The sets a buffered run is in, in the order the scripts take them:
         queue LIST, back ZSET, lease, retry and failed ZSETs."""
         return (self.queue, self.back, self.lease, self.retry, self.failed)
+
+    @property
+    def old_queue(self) -> str:
+        """The earlier layout's queue ZSET (see OLD_RUN_PATTERN)."""
+        return f"{self.tag}:q"
+
+    @property
+    def old_run_prefix(self) -> str:
+        """The earlier layout's run hash prefix, mf:{env}:run: (see OLD_RUN_PATTERN)."""
+        return f"{self.tag}:run:"
 
     def idem(self, task_identifier: str, idempotency_key: str) -> str:
         # Task identifiers cannot contain ':', so the split is unambiguous.
