@@ -60,7 +60,7 @@ local function queue_score_at(queueKey, runsKey, i)
 end
 
 -- The index of the LIST's first run whose arrival score is above `score`
--- (LLEN when none is): a binary search, ~2 log2(n) LINDEX and unpack calls.
+-- (LLEN when none is): a binary search, ~log2(n) LRANGE reads and unpacks.
 local function queue_first_after(queueKey, runsKey, score)
   local lo, hi = 0, rcall("LLEN", queueKey)
   while lo < hi do
